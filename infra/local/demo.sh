@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded local defaults: set-up, then the DVC pipeline
+# (demo data -> validation), pushed to the default local DVC remote.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+bash "$root/infra/local/setup.sh"
+cd "$root"
+export PATH="$root/.venv/bin:$PATH"
+
+dvc repro
+dvc push
+dvc metrics show
+mmops data-version "$(python -c 'from mmops.config import load_params; print(load_params("params.yaml").data.dir)')"
+echo "validation report: $root/reports/validate/report.html"

@@ -1,0 +1,97 @@
+"""Image file checks. Imports only Pillow and the config, so worker processes start fast."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from mmops.config import ImageLimits
+
+ALLOWED_FORMATS = ("PNG", "JPEG")
+# Absolute (POSIX or Windows) paths and any '..' component: images stay inside the dataset.
+UNSAFE_PATH = r"^(?:/|\\|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
+_UNSAFE_PATH_RE = re.compile(UNSAFE_PATH)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What inspecting one image found: either `problem` (a check name and message) or its facts."""
+
+    path: str
+    problem: str | None = None
+    message: str = ""
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+
+
+def is_unsafe_path(relpath: str) -> bool:
+    return bool(_UNSAFE_PATH_RE.search(relpath))
+
+
+def inspect_image(root: str, relpath: str, limits: ImageLimits) -> ImageInfo:
+    """Check one image of a dataset: inside it, present, of sane size, fully decodable."""
+    root_path = Path(root).resolve()
+    path = root_path / relpath
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop raises RuntimeError
+        return ImageInfo(relpath, "image.exists", f"cannot resolve path: {exc}")
+    if not resolved.is_relative_to(root_path):
+        return ImageInfo(
+            relpath, "image.inside_dataset", f"resolves outside the dataset: {resolved}"
+        )
+    if not resolved.is_file():
+        return ImageInfo(relpath, "image.exists", "file not found")
+    size = resolved.stat().st_size
+    if size > limits.max_file_mb * 2**20:
+        return ImageInfo(
+            relpath, "image.file_size", f"{size / 2**20:.1f} MiB > {limits.max_file_mb}"
+        )
+    data = resolved.read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if image.format not in ALLOWED_FORMATS:
+                return ImageInfo(
+                    relpath, "image.format", f"format {image.format}, expected PNG or JPEG"
+                )
+            problem = _dimension_problem(width, height, limits)
+            if problem:
+                return ImageInfo(relpath, "image.dimensions", problem)
+            # Decode every pixel: a truncated or corrupt file fails here, not in a training worker.
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return ImageInfo(relpath, "image.dimensions", f"decompression bomb: {exc}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return ImageInfo(relpath, "image.decodes", f"cannot decode: {exc}")
+    return ImageInfo(
+        relpath,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        format=image.format,
+    )
+
+
+def inspect_chunk(root: str, relpaths: list[str], limits: ImageLimits) -> list[ImageInfo]:
+    return [inspect_image(root, relpath, limits) for relpath in relpaths]
+
+
+def _dimension_problem(width: int, height: int, limits: ImageLimits) -> str | None:
+    if width * height > limits.max_pixels:
+        return f"{width}x{height} = {width * height} pixels > max_pixels {limits.max_pixels}"
+    if max(width, height) > limits.max_side:
+        return f"{width}x{height}: a side is longer than max_side {limits.max_side}"
+    if min(width, height) < limits.min_side:
+        return f"{width}x{height}: a side is shorter than min_side {limits.min_side}"
+    return None
