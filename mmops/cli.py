@@ -119,7 +119,11 @@ def data_version_cmd(
     """Print the DVC content hash and git commit of a dataset."""
     from mmops.versioning import data_version
 
-    version = data_version(data_dir)
+    try:
+        version = data_version(data_dir)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     state = "matches DVC's record" if version.tracked else f"DVC records {version.dvc_md5}"
     typer.echo(
         f"{data_dir}: md5 {version.md5} ({version.nfiles} files), {state}, "

@@ -380,8 +380,12 @@ def _leakage(
     frame: pd.DataFrame, ids: pd.Series, splits: pd.Series, images: dict[str, ImageInfo]
 ) -> CheckResult:
     # Same image bytes under another name still leak, so pairs are keyed by content hash.
-    sha = frame["image"].map(lambda p: images[p].sha256 if p in images else "")
-    pairs = pd.DataFrame({"id": ids, "split": splits, "sha": sha, "text": frame["text"]})
+    # Values of the wrong type (a list, say) fail types.* and are left out: they are unhashable.
+    sha = frame["image"].map(
+        lambda p: images[p].sha256 if isinstance(p, str) and p in images else ""
+    )
+    text = frame["text"].map(lambda t: t if isinstance(t, str) else None)
+    pairs = pd.DataFrame({"id": ids, "split": splits, "sha": sha, "text": text})
     pairs = pairs[(pairs["sha"] != "") & pairs["text"].notna() & pairs["split"].isin(SPLITS)]
     spread = pairs.groupby(["sha", "text"])["split"].transform("nunique")
     leaked = pairs[spread > 1]

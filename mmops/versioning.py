@@ -46,7 +46,7 @@ def data_version(path: Path | str) -> DataVersion:
     return DataVersion(
         path=str(path),
         md5=obj.hash_info.value,
-        nfiles=meta.nfiles or 1,
+        nfiles=meta.nfiles if meta.isdir else 1,
         size=meta.size or 0,
         dvc_md5=recorded_md5(path),
         git_commit=_git(path.parent, "rev-parse", "HEAD"),
