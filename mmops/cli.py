@@ -131,3 +131,82 @@ def data_version_cmd(
     )
     if as_json:
         typer.echo(json.dumps(version.to_dict()))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: train.out_dir)")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the checkpoint in the output folder")
+    ] = False,
+    metrics: Annotated[
+        Path | None, typer.Option(help="write training metrics JSON (dvc metrics)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model on the dataset's train split, tracked in MLflow."""
+    import shutil
+
+    from mmops.tracking import tracked_train
+
+    params = _params(params_file, overrides)
+    out_dir = out or Path(params.train.out_dir)
+    if not resume and out_dir.exists():
+        shutil.rmtree(out_dir)  # a stale checkpoint must not leak into a fresh run
+    run = tracked_train(data, params, out_dir, resume=resume)
+    summary = {
+        "run_id": run.run_id,
+        "model_uri": run.model_uri,
+        "model_dir": str(run.model_dir),
+        "best_val_accuracy": run.result["best_val_accuracy"],
+        "best_epoch": run.result["best_epoch"],
+        "epochs_run": run.result["epochs_run"],
+        "parameters": run.result["parameters"],
+        "device": run.result["device"],
+    }
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    typer.echo(
+        f"trained: best val accuracy {summary['best_val_accuracy']:.4f} at epoch "
+        f"{summary['best_epoch']}; run {run.run_id}; model {run.model_uri}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="report folder (default: evaluate.out_dir)")
+    ] = None,
+    metrics: Annotated[
+        Path | None, typer.Option(help="write flat metrics JSON (dvc metrics)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a model on the test split; log the report to its MLflow run."""
+    from mmops.evaluate import flat_metrics
+    from mmops.tracking import tracked_evaluate
+
+    params = _params(params_file, overrides)
+    results, run_id = tracked_evaluate(model, data, params, out)
+    flat = flat_metrics(results)
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(flat, indent=2) + "\n")
+    ablation = results["ablation"]
+    typer.echo(
+        f"test accuracy {results['accuracy']:.4f}, macro-F1 {results['macro_f1']:.4f}; "
+        f"image only {ablation['image_only']:.4f}, text only {ablation['text_only']:.4f}; "
+        f"run {run_id}"
+    )
+    if as_json:
+        typer.echo(json.dumps({"run_id": run_id, **flat}))

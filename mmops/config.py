@@ -91,10 +91,118 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """A ViT built from scratch (ignored when model.vision_pretrained is set)."""
+
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A BERT built from scratch (ignored when model.text_pretrained is set)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fusion: str = "cross_attention"
+    image_size: int = 64
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # A local save_pretrained folder or a hub name; the text one brings its own tokenizer.
+    vision_pretrained: str | None = None
+    text_pretrained: str | None = None
+    # For the tokenizer trained on the dataset's texts when no pretrained text model is given.
+    vocab_size: int = 2000
+    max_text_length: int = 32
+    hidden_dim: int = 128
+    fusion_layers: int = 2
+    fusion_heads: int = 4
+    dropout: float = 0.1
+    # Chance per training example of hiding one modality, for robustness to a missing one.
+    modality_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        fusions = ("late", "concat", "cross_attention")
+        if self.fusion not in fusions:
+            raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {fusions}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError("model.modality_dropout: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    classification_weight: float = 1.0
+    contrastive_weight: float = 0.0
+    # Stop when val accuracy has not improved for this many epochs; 0 disables.
+    early_stopping_patience: int = 6
+    seed: int = 0
+    num_workers: int = 2
+    # auto: CUDA when available, else CPU. Precision auto: bf16 autocast on CUDA, fp32 on CPU.
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    # Label-preserving image augmentation: none, flip (horizontal), or flip_rotate (flips and
+    # 90-degree turns). Orientation-sensitive tasks (left/right questions) need none or flip.
+    augment: str = "flip_rotate"
+    out_dir: str = "models/train"
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("none", "flip", "flip_rotate"):
+            raise ConfigError("train.augment: must be none, flip or flip_rotate")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("train.precision: must be auto, fp32 or bf16")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 128
+    latency_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    latency_repeats: int = 20
+    bootstrap_samples: int = 1000
+    calibration_bins: int = 15
+    # Robustness perturbations: Gaussian pixel noise (std in 0..1 pixel units), blur radius
+    # in pixels, and the share of words given a typo.
+    noise_std: float = 0.1
+    blur_radius: float = 1.5
+    typo_rate: float = 0.3
+    seed: int = 0
+    out_dir: str = "reports/evaluate"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Names in MLflow; the tracking URI itself comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = "mmops"
+    registered_model: str = "mmops-classifier"
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_params(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Params:

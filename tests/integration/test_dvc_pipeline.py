@@ -60,7 +60,7 @@ def locked_md5(project: Path, stage: str, path: str) -> str:
 
 
 def test_repro_push_pull_round_trip(clone: Path) -> None:
-    run(["dvc", "repro"], clone)
+    run(["dvc", "repro", "validate"], clone)
 
     md5 = locked_md5(clone, "demo_data", "data/demo")
     version = data_version(clone / "data/demo")
@@ -73,13 +73,13 @@ def test_repro_push_pull_round_trip(clone: Path) -> None:
     assert shown  # dvc reads the metrics file the stage declared
 
     # Nothing changed, so nothing reruns.
-    again = run(["dvc", "repro"], clone)
+    again = run(["dvc", "repro", "validate"], clone)
     assert "didn't change" in again.stdout and "Running stage" not in again.stdout
 
-    run(["dvc", "push"], clone)
+    run(["dvc", "push", "demo_data"], clone)
     shutil.rmtree(clone / "data/demo")
     shutil.rmtree(clone / ".dvc/cache")
-    run(["dvc", "pull"], clone)
+    run(["dvc", "pull", "demo_data"], clone)
     assert data_version(clone / "data/demo").md5 == md5
 
 
@@ -92,6 +92,7 @@ def test_invalid_data_stops_repro(clone: Path) -> None:
 
     assert done.returncode != 0
     assert "FAIL classes.min_examples" in done.stdout + done.stderr
+    assert not (clone / "models").exists(), "training ran on data that failed validation"
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     # The failed stage's new params were not recorded as a good run.
     assert (
@@ -107,3 +108,44 @@ def test_committed_lock_matches_a_fresh_demo_dataset(tmp_path: Path) -> None:
         tmp_path / "demo", n=params["n"], seed=params["seed"], image_size=params["image_size"]
     )
     assert data_version(tmp_path / "demo").md5 == locked_md5(REPO, "demo_data", "data/demo")
+
+
+TINY_MODEL = {
+    "vision": {
+        "patch_size": 16,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "text": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "hidden_dim": 32,
+    "fusion_layers": 1,
+    "fusion_heads": 2,
+}
+
+
+@pytest.mark.slow
+def test_full_pipeline_train_and_evaluate(clone: Path) -> None:
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for key, value in TINY_MODEL.items():
+        params["model"][key] = value
+    params["train"].update(epochs=2, num_workers=0)
+    params["evaluate"].update(latency_repeats=3, bootstrap_samples=50)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run(["dvc", "repro"], clone)
+
+    train_metrics = json.loads((clone / "metrics/train.json").read_text())
+    assert train_metrics["epochs_run"] == 2 and train_metrics["run_id"]
+    evaluation = json.loads((clone / "metrics/evaluate.json").read_text())
+    assert 0.0 <= evaluation["accuracy"] <= 1.0 and "ablation.image_only" in evaluation
+    assert (clone / "reports/evaluate/confusion_matrix.png").is_file()
+    assert (clone / "mlflow.db").is_file()
+    shown = run(["dvc", "plots", "show", "--json"], clone).stdout
+    assert "confusion_matrix.png" in shown

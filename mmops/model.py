@@ -1,0 +1,250 @@
+"""The multimodal classifier: a transformers vision encoder, a text encoder and a fusion head.
+
+Encoders are built from the `model` section of params.yaml, or loaded from a `save_pretrained`
+folder or hub name. A saved model is one folder: weights as safetensors, the encoder configs, the
+labels and the tokenizer, so it loads without the training code's params.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmops.config import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "mmops_model.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    image_embeds: torch.Tensor  # L2-normalised, for retrieval and the contrastive loss
+    text_embeds: torch.Tensor
+    logit_scale: torch.Tensor
+
+
+class MultimodalClassifier(nn.Module):
+    """Image + text classifier with late, concat or cross-attention fusion."""
+
+    def __init__(
+        self, config: ModelConfig, num_labels: int, vision: nn.Module, text: nn.Module
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.text = text
+        d = config.hidden_dim
+        vision_width = vision.config.hidden_size
+        text_width = text.config.hidden_size
+        # A learned stand-in for an absent modality, so a missing image or text is an input,
+        # not a crash, and modality dropout can teach the model to cope with it.
+        self.missing_image = nn.Parameter(torch.zeros(1, 1, vision_width))
+        self.missing_text = nn.Parameter(torch.zeros(1, 1, text_width))
+        self.image_proj = nn.Linear(vision_width, d)
+        self.text_proj = nn.Linear(text_width, d)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if config.fusion == "cross_attention":
+            layer = nn.TransformerDecoderLayer(
+                d, config.fusion_heads, 4 * d, config.dropout, batch_first=True, norm_first=True
+            )
+            self.fusion = nn.TransformerDecoder(layer, config.fusion_layers)
+            head_in = d
+        elif config.fusion == "concat":
+            self.fusion = None
+            head_in = 2 * d
+        else:  # late: the product of the two embeddings carries their interaction
+            self.fusion = None
+            head_in = 3 * d
+        self.head = nn.Sequential(
+            nn.LayerNorm(head_in),
+            nn.Linear(head_in, d),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(d, num_labels),
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_present: torch.Tensor,
+        text_present: torch.Tensor,
+    ) -> ModelOutput:
+        if self.training and self.config.modality_dropout > 0:
+            image_present, text_present = self._drop_modalities(image_present, text_present)
+        image_tokens = self.vision(pixel_values=pixel_values).last_hidden_state
+        text_tokens = self.text(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        image_tokens = torch.where(
+            image_present[:, None, None], image_tokens, self.missing_image.to(image_tokens.dtype)
+        )
+        text_tokens = torch.where(
+            text_present[:, None, None], text_tokens, self.missing_text.to(text_tokens.dtype)
+        )
+        image_pooled = self.image_proj(image_tokens[:, 0])
+        text_pooled = self.text_proj(text_tokens[:, 0])
+        image_embeds = F.normalize(image_pooled, dim=-1)
+        text_embeds = F.normalize(text_pooled, dim=-1)
+        if self.config.fusion == "cross_attention":
+            fused = self.fusion(
+                self.text_proj(text_tokens),
+                self.image_proj(image_tokens),
+                tgt_key_padding_mask=attention_mask == 0,
+            )[:, 0]
+        elif self.config.fusion == "concat":
+            fused = torch.cat([image_pooled, text_pooled], dim=-1)
+        else:
+            fused = torch.cat([image_embeds, text_embeds, image_embeds * text_embeds], dim=-1)
+        return ModelOutput(self.head(fused), image_embeds, text_embeds, self.logit_scale.exp())
+
+    def _drop_modalities(
+        self, image_present: torch.Tensor, text_present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.config.modality_dropout
+        drop = torch.rand(image_present.shape[0], device=image_present.device) < p
+        # Never drop both: an example with neither modality teaches nothing.
+        drop_image = drop & (torch.rand_like(drop, dtype=torch.float) < 0.5)
+        drop_text = drop & ~drop_image
+        return image_present & ~drop_image, text_present & ~drop_text
+
+
+def contrastive_loss(output: ModelOutput, pair_mask: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between image and text embeddings of the same example."""
+    if pair_mask.sum() < 2:
+        return output.logits.new_zeros(())
+    image = output.image_embeds[pair_mask]
+    text = output.text_embeds[pair_mask]
+    logits = output.logit_scale.clamp(max=100) * image @ text.T
+    target = torch.arange(len(image), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.Module]:
+    """Vision and text encoders: pretrained where the config names one, else built from config."""
+    from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
+
+    if config.vision_pretrained:
+        vision = AutoModel.from_pretrained(config.vision_pretrained)
+    else:
+        v = config.vision
+        vision = ViTModel(
+            ViTConfig(
+                image_size=config.image_size,
+                patch_size=v.patch_size,
+                hidden_size=v.hidden_size,
+                num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads,
+                intermediate_size=v.intermediate_size,
+                hidden_dropout_prob=config.dropout,
+            ),
+            add_pooling_layer=False,
+        )
+    if config.text_pretrained:
+        text = AutoModel.from_pretrained(config.text_pretrained)
+    else:
+        t = config.text
+        text = BertModel(
+            BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=t.hidden_size,
+                num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_attention_heads,
+                intermediate_size=t.intermediate_size,
+                max_position_embeddings=config.max_text_length,
+                hidden_dropout_prob=config.dropout,
+            ),
+            add_pooling_layer=False,
+        )
+    return _vision_part(vision), _text_part(text)
+
+
+def _vision_part(model: nn.Module) -> nn.Module:
+    # A full CLIP checkpoint holds both towers; take the one asked for.
+    return _strip_pooler(getattr(model, "vision_model", model))
+
+
+def _text_part(model: nn.Module) -> nn.Module:
+    return _strip_pooler(getattr(model, "text_model", model))
+
+
+def _strip_pooler(model: nn.Module) -> nn.Module:
+    # The fusion reads token states; an unused pooler would hold weights that never get a
+    # gradient, which DistributedDataParallel rejects, and make saved and rebuilt models differ.
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+class LoadedModel(NamedTuple):
+    model: MultimodalClassifier
+    tokenizer: Any
+    labels: list[str]
+    meta: dict[str, Any]
+    folder: Path
+
+
+def save_model(
+    model: MultimodalClassifier,
+    tokenizer: Any,
+    labels: list[str],
+    out_dir: Path | str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights (safetensors), encoder configs, labels and tokenizer to one folder."""
+    from safetensors.torch import save_model as save_weights
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    save_weights(model, str(out / WEIGHTS_FILE))
+    meta = {
+        "format": 1,
+        "labels": labels,
+        "model": asdict(model.config),
+        "vision_config": model.vision.config.to_dict(),
+        "text_config": model.text.config.to_dict(),
+        **(extra or {}),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
+    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    return out
+
+
+def load_model(model_dir: Path | str) -> LoadedModel:
+    """Load a folder written by `save_model`, the model in eval mode on the CPU."""
+    from safetensors.torch import load_model as load_weights
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from mmops.config import from_mapping
+
+    folder = Path(model_dir)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not an mmops model folder (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    config = from_mapping(ModelConfig, meta["model"], prefix="model")
+    encoders = []
+    for key in ("vision_config", "text_config"):
+        spec = dict(meta[key])
+        encoder_config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        encoders.append(AutoModel.from_config(encoder_config))
+    vision, text = _vision_part(encoders[0]), _text_part(encoders[1])
+    model = MultimodalClassifier(config, len(meta["labels"]), vision, text)
+    load_weights(model, str(folder / WEIGHTS_FILE))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    return LoadedModel(model.eval(), tokenizer, list(meta["labels"]), meta, folder)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

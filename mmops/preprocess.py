@@ -1,0 +1,146 @@
+"""Preprocessing shared by training, evaluation and prediction: one path from records to tensors."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+ImageTransform = Callable[[Image.Image], Image.Image]
+TextTransform = Callable[[str], str]
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """An RGB image from a path or encoded bytes, fully decoded."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    return image.convert("RGB")
+
+
+def image_tensor(image: Image.Image | None, size: int) -> torch.Tensor:
+    """A (3, size, size) float tensor scaled to [-1, 1]; zeros stand in for a missing image."""
+    if image is None:
+        return torch.zeros(3, size, size)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One preprocessed example: an image tensor (or None), a text (or None), a label index."""
+
+    pixels: torch.Tensor | None
+    text: str | None
+    label: int
+
+
+class MultimodalDataset(Dataset):
+    """Rows of a manifest as examples; images are decoded in DataLoader workers."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        frame: pd.DataFrame,
+        label_index: dict[str, int],
+        image_size: int,
+        image_transform: ImageTransform | None = None,
+        text_transform: TextTransform | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.images = list(frame["image"])
+        self.texts = list(frame["text"])
+        # Unknown labels (a class absent from training) map to -1 and count as errors.
+        self.labels = [label_index.get(label, -1) for label in frame["label"]]
+        self.image_size = image_size
+        self.image_transform = image_transform
+        self.text_transform = text_transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Example:
+        pixels = None
+        if self.images[index] is not None:
+            image = open_image(self.root / self.images[index])
+            if self.image_transform is not None:
+                image = self.image_transform(image)
+            pixels = image_tensor(image, self.image_size)
+        text = self.texts[index]
+        if text is not None and self.text_transform is not None:
+            text = self.text_transform(text)
+        return Example(pixels, text, self.labels[index])
+
+
+class Collator:
+    """Batches examples: stacked pixels, tokenized texts, modality masks and labels."""
+
+    def __init__(self, tokenizer: Any, image_size: int, max_text_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_length = max_text_length
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(
+            [e.text or "" for e in examples],
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        blank = torch.zeros(3, self.image_size, self.image_size)
+        return {
+            "pixel_values": torch.stack(
+                [e.pixels if e.pixels is not None else blank for e in examples]
+            ),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "image_present": torch.tensor([e.pixels is not None for e in examples]),
+            "text_present": torch.tensor([e.text is not None for e in examples]),
+            "labels": torch.tensor([e.label for e in examples]),
+        }
+
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_present", "text_present")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> Any:
+    """A WordPiece tokenizer trained on the dataset's own texts (no hub download needed)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=max_length,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
