@@ -104,7 +104,7 @@ def render(example: DemoExample, index: int, seed: int, image_size: int) -> Imag
         xx = np.arange(s)[None, :]
         background += 25 * np.sin(xx / rng.uniform(3, 8) + rng.uniform(0, 6))[..., None]
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    radius = s * (rng.uniform(0.11, 0.15) if example.size == "small" else rng.uniform(0.23, 0.3))
+    radius = s * (rng.uniform(0.13, 0.17) if example.size == "small" else rng.uniform(0.27, 0.33))
     cx, cy = rng.uniform(radius + 1, s - radius - 1, size=2)
     colour = tuple(
         int(c) for c in np.clip(np.array(COLOURS[example.colour]) + rng.normal(0, 12, 3), 0, 255)

@@ -120,17 +120,35 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> Any:
-    """A WordPiece tokenizer trained on the dataset's own texts (no hub download needed)."""
+    """A WordPiece tokenizer whose vocabulary comes from the dataset's own texts (no hub needed).
+
+    The vocabulary is every character seen (as a word start and as a '##' continuation, so no
+    word is ever unknown) plus the most frequent whole words, ties broken alphabetically. Built
+    by hand rather than by the `tokenizers` trainer, whose ties follow hash-map order: the same
+    texts must give the same tokenizer, or a seeded run, a resumed run and the processes of a
+    distributed run would each split text differently.
+    """
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        pieces = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        words.update(word for word, _span in pieces)
+    chars = sorted({c for word in words for c in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    room = max(vocab_size - len(vocab), 0)
+    by_count = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += by_count[:room]
+
+    tokenizer = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(texts, trainer)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

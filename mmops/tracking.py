@@ -125,7 +125,7 @@ def log_pyfunc(model_dir: Path, frame: pd.DataFrame, data_dir: Path | str) -> An
     signature = infer_signature(example, model.predict(None, example))
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
-        python_model=model,
+        python_model=str(Path(mmops.__file__).parent / "pyfunc_model.py"),
         artifacts={"model_dir": str(model_dir)},
         # The package travels with the model, so it loads where mmops is not installed.
         code_paths=[str(Path(mmops.__file__).parent)],

@@ -191,9 +191,11 @@ def _train(
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    stopped_early = False
+    patience = cfg.early_stopping_patience
+    # A run that stopped early stays stopped when resumed.
+    stopped_early = bool(patience) and state["bad_epochs"] >= patience
     epochs = tqdm(
-        range(state["epoch"], cfg.epochs),
+        range(state["epoch"], state["epoch"] if stopped_early else cfg.epochs),
         desc="epochs",
         initial=state["epoch"],
         total=cfg.epochs,
@@ -274,7 +276,6 @@ def _train(
             )
         if runtime.world_size > 1:
             dist.barrier()
-        patience = cfg.early_stopping_patience
         if patience and state["bad_epochs"] >= patience:
             stopped_early = True
             log.info("early stop after epoch %d: no val gain in %d epochs", epoch + 1, patience)
@@ -307,29 +308,44 @@ def _train_epoch(
     batches: Any,
 ) -> dict[str, float]:
     model.train()
-    total_loss = correct = seen = 0.0
+    # Sums stay on the device and are read once per epoch: an .item() per step would make
+    # the CPU wait for the GPU every step.
+    total_loss = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    seen = 0
     for batch in batches:
         inputs = model_inputs(batch, runtime.device)
-        inputs["pixel_values"] = augment(inputs["pixel_values"], cfg.augment)
         labels = batch["labels"].to(runtime.device, non_blocking=True)
-        with _autocast(runtime):
-            output = model(**inputs)
-            loss = cfg.classification_weight * F.cross_entropy(output.logits.float(), labels)
-            if cfg.contrastive_weight > 0:
-                pairs = inputs["image_present"] & inputs["text_present"]
-                loss = loss + cfg.contrastive_weight * contrastive_loss(output, pairs)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, logits = train_step(model, inputs, labels, optimizer, cfg, runtime)
         scheduler.step()
-        # .item() once per batch syncs the GPU; the sums stay on device until then.
-        n = len(labels)
-        total_loss += loss.detach().float().item() * n
-        correct += (output.logits.argmax(-1) == labels).sum().item()
-        seen += n
-    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
+        total_loss += loss * len(labels)
+        correct += (logits.argmax(-1) == labels).sum()
+        seen += len(labels)
+    return {"train_loss": total_loss.item() / seen, "train_accuracy": correct.item() / seen}
+
+
+def train_step(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cfg: Any,
+    runtime: Runtime,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the device; returns (loss, logits), detached."""
+    inputs = {**inputs, "pixel_values": augment(inputs["pixel_values"], cfg.augment)}
+    with _autocast(runtime):
+        output = model(**inputs)
+        loss = cfg.classification_weight * F.cross_entropy(output.logits.float(), labels)
+        if cfg.contrastive_weight > 0:
+            pairs = inputs["image_present"] & inputs["text_present"]
+            loss = loss + cfg.contrastive_weight * contrastive_loss(output, pairs)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float(), output.logits.detach()
 
 
 @torch.no_grad()

@@ -1,0 +1,82 @@
+"""Fixtures for every test folder: the demo dataset and tiny CPU model params."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mmops.config import Params, load_params
+from mmops.demo_data import make_demo_data
+
+# Thresholds sized for 400 rows; the defaults expect a dataset of a few thousand.
+SMALL_OVERRIDES = (
+    "validate.min_examples_per_class=5",
+    "validate.min_split_size.train=50",
+    "validate.min_split_size.val=5",
+    "validate.min_split_size.test=5",
+)
+
+# A model of a few tens of thousands of parameters: an epoch on 400 rows takes about a second on
+# a CPU, so behaviour, not quality, is what these params are for.
+TINY_OVERRIDES = (
+    *SMALL_OVERRIDES,
+    "model.vision.patch_size=16",
+    "model.vision.hidden_size=32",
+    "model.vision.num_hidden_layers=1",
+    "model.vision.num_attention_heads=2",
+    "model.vision.intermediate_size=64",
+    "model.text.hidden_size=32",
+    "model.text.num_hidden_layers=1",
+    "model.text.num_attention_heads=2",
+    "model.text.intermediate_size=64",
+    "model.hidden_dim=32",
+    "model.fusion_layers=1",
+    "model.fusion_heads=2",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.num_workers=0",
+    "train.device=cpu",
+    "evaluate.latency_repeats=3",
+    "evaluate.bootstrap_samples=50",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 400-row demo dataset; tests that change it must work on a copy."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_data(out, n=400, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_overrides() -> tuple[str, ...]:
+    return SMALL_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def small_params() -> Params:
+    return load_params(None, SMALL_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    return TINY_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> Params:
+    return load_params(None, TINY_OVERRIDES)

@@ -1,0 +1,218 @@
+"""`mmops train` and `mmops evaluate` against a real MLflow tracking store (SQLite in tmp)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from mmops.cli import app
+from mmops.config import load_params, to_dict
+from mmops.dataset import read_manifest
+from mmops.tracking import flatten
+from mmops.versioning import data_version
+
+pytestmark = pytest.mark.integration
+
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class Tracked:
+    workdir: Path
+    data_dir: Path
+    commit: str
+    train: dict[str, Any]
+    evaluate: dict[str, Any]
+    client: mlflow.MlflowClient
+
+
+def set_args(overrides: tuple[str, ...]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def invoke(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def git(cwd: Path, *args: str) -> str:
+    command = ["git", "-c", "user.email=ci@mmops.dev", "-c", "user.name=ci", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def tracked(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Tracked]:
+    """One `train` and one `evaluate` through the CLI, tracked in a fresh SQLite store."""
+    workdir = tmp_path_factory.mktemp("tracking")
+    # The data in its own git repo, so the run can record a real commit for it.
+    repo = workdir / "repo"
+    shutil.copytree(demo_dir, repo / "data")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "data")
+    commit = git(repo, "rev-parse", "HEAD").strip()
+    data_dir = repo / "data"
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)  # default output folders and the artifact store land in tmp
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        trained = invoke("train", "--data", str(data_dir), *set_args(tiny_overrides), "--json")
+        evaluated = invoke(
+            "evaluate",
+            "--data",
+            str(data_dir),
+            "--model",
+            trained["model_dir"],
+            *set_args(tiny_overrides),
+            "--json",
+        )
+        yield Tracked(
+            workdir, data_dir, commit, trained, evaluated, mlflow.MlflowClient(tracking_uri=uri)
+        )
+    mlflow.set_tracking_uri(previous_uri)
+
+
+def test_train_run_records_params_tags_and_epoch_metrics(
+    tracked: Tracked, tiny_overrides: tuple[str, ...]
+) -> None:
+    run = tracked.client.get_run(tracked.train["run_id"])
+    params = load_params(None, tiny_overrides)
+
+    assert set(flatten(to_dict(params))) <= set(run.data.params)
+    assert run.data.params["model.fusion"] == params.model.fusion
+    assert float(run.data.params["train.lr"]) == params.train.lr
+    history = tracked.client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, params.train.epochs + 1))
+    assert run.data.metrics["best_val_accuracy"] == tracked.train["best_val_accuracy"]
+    tags = run.data.tags
+    assert tags["data.md5"] == data_version(tracked.data_dir).md5
+    assert tags["data.md5"].endswith(".dir")
+    assert tags["git.commit"] == tracked.commit
+    assert tags["mmops.stage"] == "train"
+
+
+def test_train_run_records_the_dataset(tracked: Tracked) -> None:
+    run = tracked.client.get_run(tracked.train["run_id"])
+    md5 = data_version(tracked.data_dir).md5
+
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.digest == md5[:32]
+    assert inputs[0].dataset.name == tracked.data_dir.name
+    assert [tag.value for tag in inputs[0].tags if tag.key == "mlflow.data.context"] == ["training"]
+
+
+def encode(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_logged_model_predicts_like_evaluate(tracked: Tracked) -> None:
+    model = mlflow.pyfunc.load_model(tracked.train["model_uri"])
+    rows = read_manifest(tracked.data_dir).head(3)
+    frame = pd.DataFrame(
+        {
+            "id": rows["id"].astype(str),
+            "text": rows["text"],
+            "image": [encode(tracked.data_dir / p) for p in rows["image"]],
+        }
+    )
+    # A missing image and a missing text are inputs, not errors.
+    frame.loc[len(frame)] = ["no-image", rows["text"].iloc[0], None]
+    frame.loc[len(frame)] = ["no-text", None, encode(tracked.data_dir / rows["image"].iloc[0])]
+
+    out = model.predict(frame)
+
+    labels = json.loads((Path(tracked.train["model_dir"]) / "mmops_model.json").read_text())[
+        "labels"
+    ]
+    assert len(out) == len(frame)
+    assert set(out["label"]) <= set(labels)
+    assert list(out.columns) == ["label", *(f"score_{label}" for label in labels)]
+
+
+def test_logged_model_shares_the_evaluation_prediction_path(tracked: Tracked) -> None:
+    lines = (tracked.workdir / "reports/evaluate/predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines[:3]]
+    manifest = read_manifest(tracked.data_dir).set_index("id")
+    rows = manifest.loc[[p["id"] for p in predictions]]
+    frame = pd.DataFrame(
+        {
+            "id": rows.index.astype(str),
+            "text": rows["text"].to_list(),
+            "image": [encode(tracked.data_dir / p) for p in rows["image"]],
+        }
+    )
+
+    out = mlflow.pyfunc.load_model(tracked.train["model_uri"]).predict(frame)
+
+    for (_, served), evaluated in zip(out.iterrows(), predictions, strict=True):
+        assert served["label"] == evaluated["label"]
+        for label, score in evaluated["scores"].items():
+            assert served[f"score_{label}"] == pytest.approx(score, abs=1e-5)
+
+
+def test_evaluation_is_logged_to_the_training_run(tracked: Tracked) -> None:
+    run_id = tracked.train["run_id"]
+    run = tracked.client.get_run(run_id)
+
+    assert tracked.evaluate["run_id"] == run_id
+    assert run.data.metrics["test.accuracy"] == tracked.evaluate["accuracy"]
+    assert "test.robustness.image_noise.drop" in run.data.metrics
+    assert run.data.tags["mmops.evaluated"] == "true"
+    artifacts = {a.path for a in tracked.client.list_artifacts(run_id, "evaluation")}
+    for name in ("report.md", "confusion_matrix.png", "reliability.png", "metrics.json"):
+        assert f"evaluation/{name}" in artifacts
+
+
+@pytest.mark.parametrize("kind", ["runs", "models"])
+def test_evaluate_resolves_mlflow_model_uris(
+    tracked: Tracked, tiny_overrides: tuple[str, ...], kind: str
+) -> None:
+    run_id = tracked.train["run_id"]
+    uri = f"runs:/{run_id}/model" if kind == "runs" else tracked.train["model_uri"]
+    out = tracked.workdir / f"reports/{kind}"
+
+    evaluated = invoke(
+        "evaluate",
+        "--data",
+        str(tracked.data_dir),
+        "--model",
+        uri,
+        "--out",
+        str(out),
+        *set_args(tiny_overrides),
+        "--json",
+    )
+
+    assert evaluated["run_id"] == run_id
+    assert evaluated["accuracy"] == tracked.evaluate["accuracy"]
+    assert (out / "report.md").is_file()
+
+
+def test_training_core_imports_without_tracking_tools() -> None:
+    code = (
+        "import sys\n"
+        "for name in ('mlflow', 'prefect', 'dvc'):\n"
+        "    sys.modules[name] = None\n"
+        "import mmops.train, mmops.model, mmops.evaluate, mmops.preprocess\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmops.config import Params, load_params
+from mmops.model import WEIGHTS_FILE, LoadedModel, load_model
+from mmops.preprocess import Collator, MultimodalDataset, model_inputs
+from mmops.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, load_splits, train
+
+# Wall-clock measurements: the only history entries that may differ between identical runs.
+TIMINGS = ("epoch_seconds", "train_samples_per_s")
+
+
+def without_timings(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in history]
+
+
+def val_batch(loaded: LoadedModel, demo_dir: Path, params: Params) -> dict[str, torch.Tensor]:
+    frame = load_splits(demo_dir, params)
+    rows = frame[frame["split"] == "val"].head(16)
+    config = loaded.model.config
+    index = {label: i for i, label in enumerate(loaded.labels)}
+    dataset = MultimodalDataset(demo_dir, rows, index, config.image_size)
+    collate = Collator(loaded.tokenizer, config.image_size, config.max_text_length)
+    return collate([dataset[i] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def logits(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loaded.model(**model_inputs(batch, torch.device("cpu"))).logits
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StepTracker:
+    """Records the epochs it is told about; with `stop_after`, dies there like a preempted job.
+
+    The loop writes an epoch's checkpoint before it calls the tracker, so the checkpoint left
+    behind holds exactly `stop_after` epochs.
+    """
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after
+        self.steps: list[int] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.steps.append(step)
+        if step == self.stop_after:
+            raise Interrupted
+
+
+def test_training_writes_model_checkpoint_and_history(
+    trained_run: TrainResult, train_params: Params
+) -> None:
+    out = trained_run.model_dir.parent
+    epochs = train_params.train.epochs
+
+    assert trained_run.model_dir == out / MODEL_DIR
+    assert [entry["epoch"] for entry in trained_run.history] == list(range(1, epochs + 1))
+    assert trained_run.epochs_run == epochs and not trained_run.stopped_early
+    assert trained_run.device == "cpu" and trained_run.world_size == 1
+    assert trained_run.parameters > 0
+    assert len(trained_run.labels) == 9  # the demo data's colours, shapes and sizes
+    best = trained_run.history[trained_run.best_epoch - 1]
+    assert best["val_accuracy"] == trained_run.best_val_accuracy
+    assert trained_run.best_val_accuracy == max(e["val_accuracy"] for e in trained_run.history)
+
+    loaded = load_model(trained_run.model_dir)
+    assert loaded.labels == trained_run.labels
+    assert loaded.meta["trained_epochs"] == trained_run.best_epoch
+    assert loaded.meta["contrastive"] is True
+
+    checkpoint = torch.load(out / CHECKPOINT_FILE, weights_only=False)
+    assert checkpoint["state"]["epoch"] == epochs
+    assert json.loads((out / HISTORY_FILE).read_text()) == json.loads(
+        json.dumps(trained_run.to_dict())
+    )
+
+
+def test_train_loss_decreases(trained_run: TrainResult) -> None:
+    first, last = trained_run.history[0], trained_run.history[-1]
+
+    assert last["train_loss"] < first["train_loss"]
+    assert last["lr"] < first["lr"]  # cosine decay towards the end
+
+
+def test_same_seed_gives_identical_weights_and_history(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    params = load_params(None, tiny_overrides)
+    first = train(demo_dir, params, tmp_path, progress=False)
+    best = load_file(first.model_dir / WEIGHTS_FILE)
+    final = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["model"]
+
+    # Same folder without resume: the checkpoint left there must not be picked up either.
+    tracker = StepTracker()
+    again = train(demo_dir, params, tmp_path, tracker=tracker, resume=False, progress=False)
+
+    assert tracker.steps == [1, 2]
+    assert without_timings(again.history) == without_timings(first.history)
+    best_again = load_file(again.model_dir / WEIGHTS_FILE)
+    final_again = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["model"]
+    for weights, weights_again in ((best, best_again), (final, final_again)):
+        assert weights.keys() == weights_again.keys()
+        for name, tensor in weights.items():
+            assert torch.equal(tensor, weights_again[name]), name
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    demo_dir: Path, train_params: Params, trained_run: TrainResult, tmp_path: Path
+) -> None:
+    with pytest.raises(Interrupted):
+        train(demo_dir, train_params, tmp_path, tracker=StepTracker(stop_after=2), progress=False)
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["state"]["epoch"] == 2
+    tracker = StepTracker()
+
+    resumed = train(demo_dir, train_params, tmp_path, tracker=tracker, resume=True, progress=False)
+
+    assert tracker.steps == [3, 4]  # it resumed, rather than started over
+    assert resumed.epochs_run == trained_run.epochs_run
+    assert resumed.best_epoch == trained_run.best_epoch
+    expected = without_timings(trained_run.history)
+    for entry, want in zip(without_timings(resumed.history), expected, strict=True):
+        assert entry == pytest.approx(want, rel=1e-6, abs=1e-7)
+    original, again = load_model(trained_run.model_dir), load_model(resumed.model_dir)
+    batch = val_batch(original, demo_dir, train_params)
+    torch.testing.assert_close(logits(again, batch), logits(original, batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def frozen_params(tiny_overrides: tuple[str, ...]) -> Params:
+    """lr 0: val accuracy cannot change, so patience 1 stops after the second epoch."""
+    return load_params(
+        None,
+        [*tiny_overrides, "train.epochs=4", "train.lr=0", "train.early_stopping_patience=1"],
+    )
+
+
+@pytest.fixture(scope="module")
+def early_stopped(
+    demo_dir: Path, frozen_params: Params, tmp_path_factory: pytest.TempPathFactory
+) -> TrainResult:
+    out = tmp_path_factory.mktemp("early_stopped")
+    return train(demo_dir, frozen_params, out, progress=False)
+
+
+def test_early_stopping_when_val_accuracy_cannot_improve(
+    early_stopped: TrainResult, frozen_params: Params
+) -> None:
+    assert early_stopped.stopped_early
+    assert early_stopped.epochs_run == 2 < frozen_params.train.epochs
+    assert early_stopped.best_epoch == 1
+    assert len(early_stopped.history) == 2
+    history = json.loads((early_stopped.model_dir.parent / HISTORY_FILE).read_text())
+    assert history["stopped_early"] is True
+
+
+def test_resuming_an_early_stopped_run_trains_no_further(
+    demo_dir: Path, frozen_params: Params, early_stopped: TrainResult, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(early_stopped.model_dir.parent, out)
+
+    again = train(demo_dir, frozen_params, out, resume=True, progress=False)
+
+    assert again.epochs_run == early_stopped.epochs_run
+    assert again.history == early_stopped.history
+    assert again.stopped_early
+
+
+def test_prediction_does_not_depend_on_batch_padding(
+    trained_run: TrainResult, demo_dir: Path, train_params: Params
+) -> None:
+    loaded = load_model(trained_run.model_dir)
+    batch = val_batch(loaded, demo_dir, train_params)
+    lengths = batch["attention_mask"].sum(1)
+    short = int(lengths.argmin())
+    assert lengths[short] < batch["input_ids"].shape[1]  # the short text is padded in the batch
+
+    alone = {key: value[short : short + 1] for key, value in batch.items()}
+    for key in ("input_ids", "attention_mask"):
+        alone[key] = alone[key][:, : int(lengths[short])]
+
+    torch.testing.assert_close(
+        logits(loaded, alone)[0], logits(loaded, batch)[short], rtol=1e-4, atol=1e-5
+    )
+
+
+DDP_SCRIPT = """
+import json
+import sys
+
+from mmops.config import load_params
+from mmops.train import train
+
+data_dir, out_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+train(data_dir, load_params(None, overrides), out_dir=out_dir, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_distributed_training_on_two_cpu_processes(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    overrides = [*tiny_overrides, "train.epochs=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(demo_dir),
+        str(out),
+        json.dumps(overrides),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((out / HISTORY_FILE).read_text())
+    assert history["world_size"] == 2
+    assert history["epochs_run"] == 1
+    assert load_model(out / MODEL_DIR).labels == history["labels"]
