@@ -141,7 +141,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_ratio: float = 0.1
