@@ -102,28 +102,18 @@ def ours_with_loader(
     model = MultimodalClassifier(cfg, len(labels), vision, text).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if mode == "bf16+compile" else model
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"].to(device)
+        train_step(step_model, model_inputs(batch, device), labels, optimizer, train_cfg, runtime)
+
     it = iter(loader)
     for _ in range(3):
-        b = next(it)
-        train_step(
-            step_model,
-            model_inputs(b, device),
-            b["labels"].to(device),
-            optimizer,
-            train_cfg,
-            runtime,
-        )
+        step(next(it))
     _sync(device)
     start, seen = time.perf_counter(), 0
     for b in it:
-        train_step(
-            step_model,
-            model_inputs(b, device),
-            b["labels"].to(device),
-            optimizer,
-            train_cfg,
-            runtime,
-        )
+        step(b)
         seen += len(b["labels"])
     _sync(device)
     return {

@@ -23,6 +23,9 @@ SetOption = Annotated[
     typer.Option("--set", help="override a params key for this run, e.g. --set validate.workers=1"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")]
+MetricsOption = Annotated[
+    Path | None, typer.Option("--metrics", help="write metrics JSON here (for dvc metrics)")
+]
 
 
 @app.callback()
@@ -34,6 +37,11 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
     # GX logs its own start-up at INFO; only its warnings concern a user.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _params(path: Path | None, overrides: list[str] | None) -> Params:
@@ -80,9 +88,7 @@ def validate(
     out: Annotated[
         Path | None, typer.Option(help="write validation.json, gx_result.json, report.html")
     ] = None,
-    metrics: Annotated[
-        Path | None, typer.Option(help="write flat metrics JSON (for dvc metrics)")
-    ] = None,
+    metrics: MetricsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check a dataset; exit 0 when it is fit to train on, 1 when not."""
@@ -97,8 +103,7 @@ def validate(
     if out is not None:
         typer.echo(f"report: {write_report(report, out)}")
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(report.metrics(), indent=2) + "\n")
+        _write_json(metrics, report.metrics())
     verdict = (
         "fit to train on"
         if report.success
@@ -142,9 +147,7 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="continue from the checkpoint in the output folder")
     ] = False,
-    metrics: Annotated[
-        Path | None, typer.Option(help="write training metrics JSON (dvc metrics)")
-    ] = None,
+    metrics: MetricsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a model on the dataset's train split, tracked in MLflow."""
@@ -168,8 +171,7 @@ def train(
         "device": run.result["device"],
     }
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(metrics, summary)
     typer.echo(
         f"trained: best val accuracy {summary['best_val_accuracy']:.4f} at epoch "
         f"{summary['best_epoch']}; run {run.run_id}; model {run.model_uri}"
@@ -187,9 +189,7 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option(help="report folder (default: evaluate.out_dir)")
     ] = None,
-    metrics: Annotated[
-        Path | None, typer.Option(help="write flat metrics JSON (dvc metrics)")
-    ] = None,
+    metrics: MetricsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate a model on the test split; log the report to its MLflow run."""
@@ -200,8 +200,7 @@ def evaluate(
     results, run_id = tracked_evaluate(model, data, params, out)
     flat = flat_metrics(results)
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(flat, indent=2) + "\n")
+        _write_json(metrics, flat)
     ablation = results["ablation"]
     typer.echo(
         f"test accuracy {results['accuracy']:.4f}, macro-F1 {results['macro_f1']:.4f}; "

@@ -131,7 +131,7 @@ def evaluate_model(
         metrics["retrieval"] = retrieval_recall(base)
     metrics["efficiency"] = efficiency(
         loaded,
-        run_batch_source(data_dir, test, label_index, size),
+        MultimodalDataset(data_dir, test, label_index, size),
         cfg.latency_batch_sizes,
         cfg.latency_repeats,
     )
@@ -224,12 +224,6 @@ def retrieval_recall(pred: Predictions, ks: tuple[int, ...] = (1, 5, 10)) -> dic
         for k in ks:
             out[f"{direction}_recall_at_{k}"] = float((rank < k).mean()) if n else 0.0
     return out
-
-
-def run_batch_source(
-    data_dir: Path | str, rows: pd.DataFrame, label_index: dict[str, int], size: int
-) -> MultimodalDataset:
-    return MultimodalDataset(data_dir, rows, label_index, size)
 
 
 @torch.no_grad()
