@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--modes", default="fp32,bf16,bf16+compile")
+    parser.add_argument("--ref", type=Path, default=REF, help="the reference training loop")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -159,7 +160,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name()
-        spec = importlib.util.spec_from_file_location("ref_train_loop", REF)
+        spec = importlib.util.spec_from_file_location("ref_train_loop", args.ref)
         ref = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(ref)
         reference = {m: ref.run(args.size, m, args.batch, args.steps) for m in modes}
