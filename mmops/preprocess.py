@@ -72,12 +72,13 @@ class MultimodalDataset(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         pixels = None
-        if self.images[index] is not None:
+        # isinstance, not "is not None": pandas may hold a missing value as NaN.
+        if isinstance(self.images[index], str):
             image = open_image(self.root / self.images[index])
             if self.image_transform is not None:
                 image = self.image_transform(image)
             pixels = image_tensor(image, self.image_size)
-        text = self.texts[index]
+        text = self.texts[index] if isinstance(self.texts[index], str) else None
         if text is not None and self.text_transform is not None:
             text = self.text_transform(text)
         return Example(pixels, text, self.labels[index])
