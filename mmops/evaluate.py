@@ -7,7 +7,6 @@ import logging
 import re
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +294,9 @@ def typos(rate: float, rng: np.random.Generator) -> TextTransform:
             return word[:i] + word[i + 1 :]
         return word[:i] + letters[int(rng.integers(0, 26))] + word[i + 1 :]
 
-    apply: Callable[[str], str] = lambda text: " ".join(typo(w) for w in text.split(" "))  # noqa: E731
+    def apply(text: str) -> str:
+        return " ".join(typo(word) for word in text.split(" "))
+
     return apply
 
 
