@@ -209,3 +209,93 @@ def evaluate(
     )
     if as_json:
         typer.echo(json.dumps({"run_id": run_id, **flat}))
+
+
+@app.command()
+def export(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory (its test split)")],
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="export folder (default: export.out_dir)")
+    ] = None,
+    metrics: MetricsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export to ONNX, quantize to INT8, gate INT8 against the torch model; log to MLflow."""
+    from mmops.tracking import export_metrics, tracked_export
+
+    params = _params(params_file, overrides)
+    report, run_id, model_uri = tracked_export(model, data, params, out)
+    flat = export_metrics(report)
+    if metrics is not None:
+        _write_json(metrics, flat)
+    int8 = report["gates"]["int8"]
+    verdict = "passed" if int8["passed"] else "rejected: " + "; ".join(int8["reasons"])
+    typer.echo(
+        f"exported: serving {report['serving']}; INT8 gate {verdict}; INT8 size "
+        f"{report['size_ratio_int8_vs_fp32']:.2f}x FP32; run {run_id}; model {model_uri}"
+    )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "model_uri": model_uri,
+                    "serving": report["serving"],
+                    "int8_passed": int8["passed"],
+                    "int8_reasons": int8["reasons"],
+                    **flat,
+                }
+            )
+        )
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write predictions to")],
+    records: Annotated[
+        Path | None,
+        typer.Option("--input", help="JSONL records: id, text, image (base64 or a path)"),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="a dataset directory instead of --input")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="with --data: only this split (train, val, test)")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | int8 | fp32 | torch (default: predict.backend)")
+    ] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict a file of records or a dataset; bad records get an error line, not a crash."""
+    from mmops.predict import Predictor, predict_to_file, read_records
+
+    params = _params(params_file, overrides)
+    if (records is None) == (data is None):
+        typer.echo("error: give exactly one of --input and --data", err=True)
+        raise typer.Exit(2)
+    predictor = Predictor.load(model, backend or params.predict.backend, params.predict)
+    if data is not None:
+        from mmops.train import load_splits
+
+        frame = load_splits(data, params)
+        if split is not None:
+            frame = frame[frame["split"] == split]
+        rows = frame[["id", "image", "text"]].to_dict("records")
+        summary = predict_to_file(predictor, rows, out, root=data)
+    else:
+        assert records is not None
+        # Image paths in a records file are relative to the file.
+        summary = predict_to_file(predictor, read_records(records), out, root=records.parent)
+    typer.echo(
+        f"predicted {summary['records']} records ({summary['errors']} errors) with "
+        f"{summary['model']} v{summary['version']} on {summary['backend']}: {out}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))

@@ -187,6 +187,46 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export, INT8 quantization and the parity gate the INT8 model must pass to serve."""
+
+    # INT8 accuracy may trail the torch model by at most this (0.01 = 1 point) on the test split,
+    # no class's recall by more than max_recall_drop, and the two must agree on min_agreement.
+    max_accuracy_drop: float = 0.01
+    max_recall_drop: float = 0.05
+    min_agreement: float = 0.99
+    # FP32 ONNX must match torch this closely (largest absolute difference of a class score).
+    fp32_tolerance: float = 1e-3
+    latency_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    latency_repeats: int = 20
+    out_dir: str = "models/export"
+
+    def __post_init__(self) -> None:
+        for name in ("max_accuracy_drop", "max_recall_drop", "min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"export.{name}: must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """The prediction path shared by `mmops predict`, the stream consumer and endpoints."""
+
+    backend: str = "auto"  # auto (what the export chose) | int8 | fp32 | torch
+    batch_size: int = 64
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 lets it pick
+    # Per-record limits: a record over one gets an error naming the field, not an exception.
+    max_image_bytes: int = 10_000_000
+    max_image_pixels: int = 16_777_216  # checked from the header, before decoding
+    max_text_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "int8", "fp32", "torch"):
+            raise ConfigError("predict.backend: must be auto, int8, fp32 or torch")
+        if min(self.batch_size, self.max_image_bytes, self.max_image_pixels) < 1:
+            raise ConfigError("predict: batch_size and limits must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Names in MLflow; the tracking URI itself comes from MLFLOW_TRACKING_URI."""
 
@@ -202,6 +242,8 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import resource
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,9 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
 from mmops.config import Params
-from mmops.model import WEIGHTS_FILE, LoadedModel, count_parameters, load_model
-from mmops.preprocess import (
-    Collator,
-    ImageTransform,
-    MultimodalDataset,
-    TextTransform,
-    model_inputs,
-)
+from mmops.model import WEIGHTS_FILE, count_parameters
+from mmops.predict import Predictor, measure_latency, run_loader
+from mmops.preprocess import ImageTransform, MultimodalDataset, TextTransform
 from mmops.train import load_splits
 
 log = logging.getLogger(__name__)
@@ -50,32 +45,39 @@ class Predictions:
         return float((self.predicted == self.targets).mean()) if len(self.targets) else 0.0
 
 
-@torch.no_grad()
 def predict_dataset(
-    loaded: LoadedModel, dataset: MultimodalDataset, batch_size: int
+    predictor: Predictor, dataset: MultimodalDataset, batch_size: int
 ) -> Predictions:
-    """Class probabilities and embeddings for every example, in order."""
-    model = loaded.model.eval()
-    device = next(model.parameters()).device
-    collate = Collator(loaded.tokenizer, model.config.image_size, model.config.max_text_length)
-    probs, targets, images, texts = [], [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        output = model(**model_inputs(batch, device))
-        probs.append(output.logits.float().softmax(-1).cpu())
-        targets.append(batch["labels"])
-        images.append(output.image_embeds.float().cpu())
-        texts.append(output.text_embeds.float().cpu())
-    return Predictions(*(torch.cat(x).numpy() for x in (probs, targets, images, texts)))
+    """Class probabilities and embeddings for every example, in order, on the serving path."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=predictor.collate)
+    targets: list[torch.Tensor] = []
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in loader:
+            targets.append(batch["labels"])
+            yield batch
+
+    outputs = run_loader(predictor.runner, batches(), len(predictor.labels))
+    target = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=int)
+    return Predictions(outputs.probs, target, outputs.image_embeds, outputs.text_embeds)
 
 
 def evaluate_model(
-    model_dir: Path | str, data_dir: Path | str, params: Params, out_dir: Path | str | None = None
+    model_dir: Path | str,
+    data_dir: Path | str,
+    params: Params,
+    out_dir: Path | str | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
-    """Evaluate a saved model on the test split; write metrics.json, report.md and plots."""
+    """Evaluate a saved model on the test split; write metrics.json, report.md and plots.
+
+    `backend` picks what runs: the torch model by default, or an exported ONNX model.
+    """
     cfg = params.evaluate
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(model_dir)
+    predictor = Predictor(model_dir, backend, params.predict)
+    loaded = predictor.loaded
     frame = load_splits(data_dir, params)
     test = frame[frame["split"] == "test"].reset_index(drop=True)
     if test.empty:
@@ -91,7 +93,7 @@ def evaluate_model(
         dataset = MultimodalDataset(
             data_dir, rows, label_index, size, image_transform, text_transform
         )
-        return predict_dataset(loaded, dataset, cfg.batch_size)
+        return predict_dataset(predictor, dataset, cfg.batch_size)
 
     base = run()
     rng = np.random.default_rng(cfg.seed)
@@ -129,7 +131,7 @@ def evaluate_model(
     if loaded.meta.get("contrastive"):
         metrics["retrieval"] = retrieval_recall(base)
     metrics["efficiency"] = efficiency(
-        loaded,
+        predictor,
         MultimodalDataset(data_dir, test, label_index, size),
         cfg.latency_batch_sizes,
         cfg.latency_repeats,
@@ -227,31 +229,19 @@ def retrieval_recall(pred: Predictions, ks: tuple[int, ...] = (1, 5, 10)) -> dic
 
 @torch.no_grad()
 def efficiency(
-    loaded: LoadedModel, dataset: MultimodalDataset, batch_sizes: tuple[int, ...], repeats: int
+    predictor: Predictor, dataset: MultimodalDataset, batch_sizes: tuple[int, ...], repeats: int
 ) -> dict[str, Any]:
-    """Forward latency p50/p95 per batch size, throughput, peak memory, parameters, size."""
-    model = loaded.model.eval()
-    device = next(model.parameters()).device
-    collate = Collator(loaded.tokenizer, model.config.image_size, model.config.max_text_length)
-    latency = {}
-    for bs in batch_sizes:
-        examples = [dataset[i % len(dataset)] for i in range(bs)]
-        inputs = model_inputs(collate(examples), device)
-        for _ in range(3):  # warm-up: first calls allocate and pick kernels
-            model(**inputs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000)
-        p50 = float(np.percentile(times, 50))
-        latency[str(bs)] = {
-            "p50_ms": p50,
-            "p95_ms": float(np.percentile(times, 95)),
-            "throughput_per_s": bs / (p50 / 1000),
-        }
+    """Latency p50/p95 per batch size, throughput, peak memory, parameters, size."""
+    loaded = predictor.loaded
+    device = next(loaded.model.parameters()).device
+    latency = {
+        str(bs): measure_latency(
+            predictor.runner,
+            predictor.collate([dataset[i % len(dataset)] for i in range(bs)]),
+            repeats,
+        )
+        for bs in batch_sizes
+    }
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # the whole process's peak resident memory; Linux reports KiB
@@ -259,9 +249,10 @@ def efficiency(
     weights = loaded.folder / WEIGHTS_FILE
     return {
         "device": str(device),
+        "backend": predictor.backend,
         "latency": latency,
         "peak_memory_mb": float(peak_mb),
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(loaded.model),
         "model_size_mb": weights.stat().st_size / 2**20,
     }
 

@@ -20,9 +20,21 @@ ImageTransform = Callable[[Image.Image], Image.Image]
 TextTransform = Callable[[str], str]
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """An RGB image from a path or encoded bytes, fully decoded."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+    """An RGB image from a path or encoded bytes, fully decoded.
+
+    With `max_pixels`, the size is checked from the header first: a decompression bomb raises
+    ValueError before any pixel is decoded.
+    """
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as error:
+        raise ValueError(str(error)) from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ValueError(
+            f"{image.width}x{image.height} is {image.width * image.height} pixels, "
+            f"over the limit of {max_pixels}"
+        )
     image.load()
     return image.convert("RGB")
 

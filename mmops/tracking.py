@@ -104,7 +104,9 @@ def tracked_train(
     return TrackedRun(run.info.run_id, info.model_uri, result.model_dir, result.to_dict())
 
 
-def log_pyfunc(model_dir: Path, frame: pd.DataFrame, data_dir: Path | str) -> Any:
+def log_pyfunc(
+    model_dir: Path, frame: pd.DataFrame, data_dir: Path | str, name: str = MODEL_ARTIFACT
+) -> Any:
     """Log the model folder as an MLflow pyfunc with a signature and an input example."""
     from mlflow.models import infer_signature
 
@@ -124,7 +126,7 @@ def log_pyfunc(model_dir: Path, frame: pd.DataFrame, data_dir: Path | str) -> An
     model.load(model_dir)
     signature = infer_signature(example, model.predict(None, example))
     return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
+        name=name,
         python_model=str(Path(mmops.__file__).parent / "pyfunc_model.py"),
         artifacts={"model_dir": str(model_dir)},
         # The package travels with the model, so it loads where mmops is not installed.
@@ -143,6 +145,7 @@ def _requirements() -> list[str]:
         "transformers",
         "tokenizers",
         "safetensors",
+        "onnxruntime",
         "pillow",
         "pandas",
         "numpy",
@@ -153,40 +156,57 @@ def _requirements() -> list[str]:
 
 
 class MmopsPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: columns id, text, image (base64 PNG/JPEG or a path). Output: label and scores."""
+    """Input: columns id, text, image (base64 PNG/JPEG or a path). Output: label, scores, error.
+
+    A thin frame adapter over `Predictor.predict_batch`, the one prediction path.
+    """
 
     def load_context(self, context: Any) -> None:
         self.load(context.artifacts["model_dir"])
 
     def load(self, model_dir: Path | str) -> None:
-        from mmops.model import load_model
+        from mmops.predict import Predictor
 
-        self.loaded = load_model(model_dir)
+        self.predictor = Predictor(model_dir)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        import torch
+        # pandas holds a missing cell as NaN; a record holds a missing modality as None.
+        frame = model_input.astype(object)
+        records = frame.where(frame.notna(), None).to_dict("records")
+        # Paths are read relative to the working directory: a batch-scoring caller's own files.
+        results = self.predictor.predict_batch(records, root=".")
+        labels = self.predictor.labels
+        return pd.DataFrame(
+            {
+                "id": [str(r["id"]) for r in results],
+                "label": [r.get("label", "") for r in results],
+                **{
+                    f"score_{label}": [
+                        r["scores"][label] if "scores" in r else float("nan") for r in results
+                    ]
+                    for label in labels
+                },
+                "error": [r.get("error", "") for r in results],
+            }
+        )
 
-        from mmops.preprocess import Collator, Example, image_tensor, model_inputs, open_image
 
-        loaded = self.loaded
-        config = loaded.model.config
-        examples = []
-        for image, text in zip(model_input["image"], model_input["text"], strict=True):
-            pixels = None
-            if isinstance(image, str) and image:
-                source = (
-                    image
-                    if Path(image).suffix.lower() in (".png", ".jpg", ".jpeg")
-                    else (base64.b64decode(image))
-                )
-                pixels = image_tensor(open_image(source), config.image_size)
-            examples.append(Example(pixels, text if isinstance(text, str) else None, -1))
-        batch = Collator(loaded.tokenizer, config.image_size, config.max_text_length)(examples)
-        with torch.no_grad():
-            probs = loaded.model(**model_inputs(batch, torch.device("cpu"))).logits.softmax(-1)
-        out = pd.DataFrame(probs.numpy(), columns=[f"score_{label}" for label in loaded.labels])
-        out.insert(0, "label", [loaded.labels[i] for i in probs.argmax(-1).tolist()])
-        return out
+def model_identity(model_ref: str, run_id: str | None) -> Any:
+    """The registered name and version a `models:/` reference points at (else the run)."""
+    from mlflow import MlflowClient
+
+    from mmops.predict import ModelIdentity
+
+    if not model_ref.startswith("models:/"):
+        return ModelIdentity(model_ref, run_id or "unknown", run_id)
+    rest = model_ref.removeprefix("models:/")
+    client = MlflowClient(tracking_uri())
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+        return ModelIdentity(name, str(version), run_id)
+    name, _, version = rest.partition("/")
+    return ModelIdentity(name, version, run_id)
 
 
 def resolve_model(model_ref: str) -> tuple[Path, str | None]:
@@ -220,3 +240,59 @@ def tracked_evaluate(
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
         mlflow.set_tag("mmops.evaluated", "true")
     return metrics, run.info.run_id
+
+
+def tracked_export(
+    model_ref: str, data_dir: Path | str, params: Params, out_dir: Path | str | None = None
+) -> tuple[dict[str, Any], str | None, str]:
+    """Export and gate; log both ONNX models, the verdict and figures, and the serving model.
+
+    Everything goes to the training run, and the export folder is logged there as a second
+    pyfunc model (`serving`), so a registered version carries the artifact it serves with.
+    """
+    from mmops.export import export_model
+    from mmops.predict import EXPORT_FILE, ONNX_FILES
+    from mmops.train import load_splits
+
+    folder, run_id = resolve_model(model_ref)
+    configure(params)
+    out = Path(out_dir or params.export.out_dir)
+    report = export_model(folder, data_dir, params, out)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "export") as run:
+        mlflow.log_metrics(export_metrics(report))
+        mlflow.set_tags(
+            {
+                "export.serving": report["serving"],
+                "export.int8_passed": str(report["gates"]["int8"]["passed"]),
+                "export.int8_reasons": "; ".join(report["gates"]["int8"]["reasons"]) or "none",
+            }
+        )
+        mlflow.log_artifact(str(out / EXPORT_FILE), artifact_path="export")
+        for name in ONNX_FILES.values():
+            mlflow.log_artifact(str(out / name), artifact_path="export")
+        frame = load_splits(data_dir, params)
+        info = log_pyfunc(out, frame, data_dir, name="serving")
+        run_info = {
+            "run_id": run.info.run_id,
+            "model_uri": info.model_uri,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }
+        (out / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    return report, run.info.run_id, info.model_uri
+
+
+def export_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The export report as flat numbers, for MLflow and `dvc metrics`."""
+    flat: dict[str, float] = {
+        f"export.accuracy.{name}": value for name, value in report["accuracy"].items()
+    }
+    flat.update({f"export.size_bytes.{k}": v for k, v in report["size_bytes"].items()})
+    flat["export.size_ratio_int8_vs_fp32"] = report["size_ratio_int8_vs_fp32"]
+    for name, gate in report["gates"].items():
+        flat[f"export.{name}.passed"] = float(gate["passed"])
+        flat[f"export.{name}.agreement"] = gate["agreement"]
+        flat[f"export.{name}.accuracy_drop"] = gate["accuracy_drop"]
+    for name, by_size in report["latency"].items():
+        for size, figures in by_size.items():
+            flat[f"export.latency.{name}.bs{size}.p50_ms"] = figures["p50_ms"]
+    return flat

@@ -39,6 +39,7 @@ TINY_OVERRIDES = (
     "train.num_workers=0",
     "train.device=cpu",
     "evaluate.latency_repeats=3",
+    "export.latency_repeats=3",
     "evaluate.bootstrap_samples=50",
 )
 

@@ -131,12 +131,13 @@ TINY_MODEL = {
 
 
 @pytest.mark.slow
-def test_full_pipeline_train_and_evaluate(clone: Path) -> None:
+def test_full_pipeline_train_evaluate_export(clone: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     for key, value in TINY_MODEL.items():
         params["model"][key] = value
     params["train"].update(epochs=2, num_workers=0)
     params["evaluate"].update(latency_repeats=3, bootstrap_samples=50)
+    params["export"].update(latency_repeats=3)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     run(["dvc", "repro"], clone)
@@ -149,3 +150,9 @@ def test_full_pipeline_train_and_evaluate(clone: Path) -> None:
     assert (clone / "mlflow.db").is_file()
     shown = run(["dvc", "plots", "show", "--json"], clone).stdout
     assert "confusion_matrix.png" in shown
+    export = json.loads((clone / "models/export/export.json").read_text())
+    assert export["serving"] in ("int8", "fp32", "torch")
+    exported = json.loads((clone / "metrics/export.json").read_text())
+    assert exported["export.size_ratio_int8_vs_fp32"] < 1
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    assert "export" in lock["stages"]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from mmops.cli import app
 from mmops.config import load_params, to_dict
 from mmops.dataset import read_manifest
+from mmops.predict import Predictor
 from mmops.tracking import flatten
 from mmops.versioning import data_version
 
@@ -35,6 +36,7 @@ class Tracked:
     commit: str
     train: dict[str, Any]
     evaluate: dict[str, Any]
+    export: dict[str, Any]
     client: mlflow.MlflowClient
 
 
@@ -82,8 +84,25 @@ def tracked(
             *set_args(tiny_overrides),
             "--json",
         )
+        exported = invoke(
+            "export",
+            "--data",
+            str(data_dir),
+            "--model",
+            trained["model_uri"],
+            "--out",
+            str(workdir / "export"),
+            *set_args(tiny_overrides),
+            "--json",
+        )
         yield Tracked(
-            workdir, data_dir, commit, trained, evaluated, mlflow.MlflowClient(tracking_uri=uri)
+            workdir,
+            data_dir,
+            commit,
+            trained,
+            evaluated,
+            exported,
+            mlflow.MlflowClient(tracking_uri=uri),
         )
     mlflow.set_tracking_uri(previous_uri)
 
@@ -143,7 +162,8 @@ def test_logged_model_predicts_like_evaluate(tracked: Tracked) -> None:
     ]
     assert len(out) == len(frame)
     assert set(out["label"]) <= set(labels)
-    assert list(out.columns) == ["label", *(f"score_{label}" for label in labels)]
+    assert list(out.columns) == ["id", "label", *(f"score_{label}" for label in labels), "error"]
+    assert (out["error"] == "").all()
 
 
 def test_logged_model_shares_the_evaluation_prediction_path(tracked: Tracked) -> None:
@@ -203,6 +223,58 @@ def test_evaluate_resolves_mlflow_model_uris(
     assert evaluated["run_id"] == run_id
     assert evaluated["accuracy"] == tracked.evaluate["accuracy"]
     assert (out / "report.md").is_file()
+
+
+def test_export_is_logged_to_the_training_run_with_a_serving_model(tracked: Tracked) -> None:
+    run_id = tracked.train["run_id"]
+    run = tracked.client.get_run(run_id)
+    exported = tracked.export
+
+    assert exported["run_id"] == run_id
+    assert run.data.tags["export.serving"] == exported["serving"]
+    assert run.data.tags["export.int8_passed"] == str(exported["int8_passed"])
+    assert run.data.metrics["export.size_ratio_int8_vs_fp32"] < 1
+    assert "export.latency.int8.bs32.p50_ms" in run.data.metrics
+    artifacts = {a.path for a in tracked.client.list_artifacts(run_id, "export")}
+    assert {"export/model.onnx", "export/model.int8.onnx", "export/export.json"} <= artifacts
+
+    # The serving model carries its ONNX files, and serves what the gate chose.
+    served = mlflow.pyfunc.load_model(exported["model_uri"])
+    rows = read_manifest(tracked.data_dir).head(4)
+    frame = pd.DataFrame(
+        {
+            "id": rows["id"].astype(str),
+            "text": rows["text"],
+            "image": [encode(tracked.data_dir / p) for p in rows["image"]],
+        }
+    )
+    out = served.predict(frame)
+    local = Predictor(tracked.workdir / "export").predict_batch(
+        rows[["id", "image", "text"]].to_dict("records"), root=tracked.data_dir
+    )
+    assert list(out["label"]) == [r["label"] for r in local]
+
+
+def test_predictor_names_the_registered_version(tracked: Tracked) -> None:
+    name = "mmops-predict-test"
+    version = mlflow.register_model(tracked.export["model_uri"], name).version
+    tracked.client.set_registered_model_alias(name, "champion", version)
+    record = read_manifest(tracked.data_dir).iloc[0]
+
+    predictor = Predictor.load(f"models:/{name}@champion")
+    [result] = predictor.predict_batch(
+        [
+            {
+                "id": record["id"],
+                "image": (tracked.data_dir / record["image"]).read_bytes(),
+                "text": record["text"],
+            }
+        ]
+    )
+
+    assert (result["model"], result["version"]) == (name, str(version))
+    assert predictor.backend == tracked.export["serving"]
+    assert predictor.identity.run_id == tracked.train["run_id"]
 
 
 def test_training_core_imports_without_tracking_tools() -> None:

@@ -1,0 +1,291 @@
+"""Export: the trained model to ONNX, quantized to INT8, with a parity gate that picks what serves.
+
+The export folder is self-contained: the torch model folder (weights, configs, labels,
+tokenizer) plus `model.onnx`, `model.int8.onnx` and `export.json`, whose `serving` field names
+the artifact `Predictor` runs. INT8 serves only when it passes the gate against the torch
+model on the test split; otherwise FP32 ONNX serves, and torch if even FP32 ONNX disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmops.config import ExportConfig, Params
+from mmops.model import META_FILE, LoadedModel, MultimodalClassifier, load_model
+from mmops.predict import (
+    EXPORT_FILE,
+    ONNX_FILES,
+    OnnxRunner,
+    Outputs,
+    TorchRunner,
+    measure_latency,
+    run_loader,
+)
+from mmops.preprocess import MODEL_INPUTS, Collator, MultimodalDataset
+from mmops.train import load_splits
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("probs", "image_embeds", "text_embeds")
+# Files of the torch model folder that travel with the export (training state does not).
+_MODEL_FILES = ("model.safetensors", META_FILE, "tokenizer", "mlflow_run.json")
+
+
+class ServingModel(nn.Module):
+    """The classifier as served: class probabilities and the two embeddings."""
+
+    def __init__(self, model: MultimodalClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_present: torch.Tensor,
+        text_present: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values, input_ids, attention_mask, image_present, text_present)
+        return out.logits.float().softmax(-1), out.image_embeds, out.text_embeds
+
+
+def export_model(
+    model_dir: Path | str, data_dir: Path | str, params: Params, out_dir: Path | str | None = None
+) -> dict[str, Any]:
+    """Export FP32 and INT8 ONNX models, gate INT8 on the test split, write export.json."""
+    cfg = params.export
+    out = Path(out_dir or cfg.out_dir)
+    _copy_model_folder(Path(model_dir), out)
+    loaded = load_model(out)
+    config = loaded.model.config
+    collate = Collator(loaded.tokenizer, config.image_size, config.max_text_length)
+
+    frame = load_splits(data_dir, params)
+    test = frame[frame["split"] == "test"].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(f"{data_dir}: the test split is empty; the parity gate needs it")
+    label_index = {label: i for i, label in enumerate(loaded.labels)}
+    dataset = MultimodalDataset(data_dir, test, label_index, config.image_size)
+    # Decoded once: every backend sees the same tensors.
+    batches = list(DataLoader(dataset, batch_size=params.predict.batch_size, collate_fn=collate))
+    targets = torch.cat([b["labels"] for b in batches]).numpy()
+
+    fp32_path, int8_path = out / ONNX_FILES["fp32"], out / ONNX_FILES["int8"]
+    export_onnx(loaded, batches[0], fp32_path)
+    quantize_int8(fp32_path, int8_path)
+
+    runners = {
+        "torch": TorchRunner(loaded),
+        "fp32": OnnxRunner(fp32_path, "fp32", params.predict.threads),
+        "int8": OnnxRunner(int8_path, "int8", params.predict.threads),
+    }
+    outputs = {name: run_loader(runner, batches) for name, runner in runners.items()}
+    gates = {
+        name: parity(outputs["torch"], outputs[name], targets, loaded.labels, cfg, name)
+        for name in ("fp32", "int8")
+    }
+    serving = "int8" if gates["int8"]["passed"] else "fp32" if gates["fp32"]["passed"] else "torch"
+    for name, gate in gates.items():
+        if not gate["passed"]:
+            log.warning("%s ONNX model rejected: %s", name, "; ".join(gate["reasons"]))
+    repeats = cfg.latency_repeats
+    report = {
+        "serving": serving,
+        "gates": gates,
+        "accuracy": {name: _accuracy(o, targets) for name, o in outputs.items()},
+        "size_bytes": {
+            "torch": (out / "model.safetensors").stat().st_size,
+            "fp32": fp32_path.stat().st_size,
+            "int8": int8_path.stat().st_size,
+        },
+        "latency": {
+            name: {
+                str(bs): measure_latency(runner, _latency_batch(dataset, bs, collate), repeats)
+                for bs in cfg.latency_batch_sizes
+            }
+            for name, runner in runners.items()
+        },
+        "test_examples": len(test),
+    }
+    report["size_ratio_int8_vs_fp32"] = report["size_bytes"]["int8"] / report["size_bytes"]["fp32"]
+    (out / EXPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> Path:
+    """The model as ONNX with a dynamic batch size and text length."""
+    model = ServingModel(loaded.model.eval())
+    args = tuple(batch[name] for name in MODEL_INPUTS)
+    dynamic = torch.export.Dim.DYNAMIC
+    dynamic_shapes = {
+        "pixel_values": {0: dynamic},
+        "input_ids": {0: dynamic, 1: dynamic},
+        "attention_mask": {0: dynamic, 1: dynamic},
+        "image_present": {0: dynamic},
+        "text_present": {0: dynamic},
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporter chatter about ops it decomposes
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            input_names=list(MODEL_INPUTS),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    program.save(str(path))
+    _strip_metadata(path)
+    return path
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
+    """Dynamic INT8 quantization of the weights (activations quantized on the fly)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # ONNX Runtime's graph optimisation folds slices of weights (attention in-projections)
+        # into initializers the quantizer can see. Symbolic shape inference cannot follow the
+        # exporter's dynamic text length, and dynamic quantization does not need it.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        _gemm_to_matmul(prepared)
+        quantize_dynamic(prepared, int8_path, weight_type=QuantType.QInt8)
+    return int8_path
+
+
+def _strip_metadata(path: Path) -> None:
+    # The exporter annotates every node with its torch source; serving does not need ~1 MB of it.
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+def _gemm_to_matmul(path: Path) -> None:
+    """Rewrite Gemm with a constant weight as MatMul + Add, which dynamic quantization covers."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        if (
+            node.op_type != "Gemm"
+            or not plain
+            or attrs.get("transA", 0)
+            or node.input[1] not in weights
+        ):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        name = f"{node.input[1]}_matmul"
+        graph.initializer.append(
+            numpy_helper.from_array(weight.T.copy() if attrs.get("transB", 0) else weight, name)
+        )
+        product = f"{node.output[0]}_product" if len(node.input) > 2 else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product]))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
+def parity(
+    reference: Outputs,
+    candidate: Outputs,
+    targets: np.ndarray,
+    labels: list[str],
+    cfg: ExportConfig,
+    name: str,
+) -> dict[str, Any]:
+    """Whether `candidate` may replace the torch model; `reasons` says why not."""
+    ref, cand = reference.probs.argmax(1), candidate.probs.argmax(1)
+    agreement = float((ref == cand).mean())
+    accuracy_drop = float((ref == targets).mean() - (cand == targets).mean())
+    max_diff = float(np.abs(reference.probs - candidate.probs).max())
+    recall = {}
+    for i, label in enumerate(labels):
+        rows = targets == i
+        if rows.any():
+            recall[label] = {
+                "torch": float((ref[rows] == i).mean()),
+                name: float((cand[rows] == i).mean()),
+            }
+    reasons = []
+    if accuracy_drop > cfg.max_accuracy_drop:
+        reasons.append(
+            f"accuracy is {accuracy_drop * 100:.2f} points below torch's "
+            f"(export.max_accuracy_drop {cfg.max_accuracy_drop})"
+        )
+    if agreement < cfg.min_agreement:
+        reasons.append(
+            f"agrees with torch on {agreement:.4f} of the test split "
+            f"(export.min_agreement {cfg.min_agreement})"
+        )
+    for label, r in recall.items():
+        if r["torch"] - r[name] > cfg.max_recall_drop:
+            reasons.append(
+                f"recall of {label!r} fell from {r['torch']:.3f} to {r[name]:.3f} "
+                f"(export.max_recall_drop {cfg.max_recall_drop})"
+            )
+    if name == "fp32" and max_diff > cfg.fp32_tolerance:
+        reasons.append(
+            f"class scores differ from torch by up to {max_diff:.2e} "
+            f"(export.fp32_tolerance {cfg.fp32_tolerance})"
+        )
+    return {
+        "passed": not reasons,
+        "reasons": reasons,
+        "agreement": agreement,
+        "accuracy_drop": accuracy_drop,
+        "max_score_diff": max_diff,
+        "recall": recall,
+    }
+
+
+def _accuracy(outputs: Outputs, targets: np.ndarray) -> float:
+    return float((outputs.probs.argmax(1) == targets).mean())
+
+
+def _latency_batch(
+    dataset: MultimodalDataset, size: int, collate: Collator
+) -> dict[str, torch.Tensor]:
+    """A batch of exactly `size` test examples (cycled when the split is smaller)."""
+    return collate([dataset[i % len(dataset)] for i in range(size)])
+
+
+def _copy_model_folder(model_dir: Path, out: Path) -> None:
+    if not (model_dir / META_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir}: not an mmops model folder (no {META_FILE})")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name in _MODEL_FILES:
+        source = model_dir / name
+        if source.is_dir():
+            shutil.copytree(source, out / name)
+        elif source.is_file():
+            shutil.copy2(source, out / name)
