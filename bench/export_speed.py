@@ -2,8 +2,8 @@
 
 Exports the trained model (default: the pipeline's `models/train/model` on `data/demo`, what
 `dvc repro` leaves) to a temporary folder, then times the torch model, FP32 ONNX and INT8 ONNX on
-the same test-split batches, round-robin so machine noise hits all three alike, each with the
-same number of threads. Prints one JSON line with the figures and the ratios against torch:
+the same test-split batches, in blocks whose order rotates so machine noise hits all three alike,
+each with the same number of threads. Prints one JSON line of figures and ratios against torch:
 
     python bench/export_speed.py [--model models/train/model] [--data data/demo] [--repeats 50]
 """
@@ -27,6 +27,7 @@ from mmops.preprocess import Collator, MultimodalDataset
 from mmops.train import load_splits
 
 BATCH_SIZES = (1, 8, 32)
+ROUNDS = 5
 
 
 def main() -> None:
@@ -64,14 +65,17 @@ def main() -> None:
         for bs in BATCH_SIZES:
             batch = collate([examples[i % len(examples)] for i in range(bs)])
             times: dict[str, list[float]] = {name: [] for name in runners}
-            for run in runners.values():  # warm-up
-                for _ in range(3):
-                    run(batch)
-            for _ in range(args.repeats):
-                for name, run in runners.items():
-                    t = time.perf_counter()
-                    run(batch)
-                    times[name].append((time.perf_counter() - t) * 1000)
+            # Blocks per runner, in a rotating order: interleaving single calls would let one
+            # runtime's spinning worker threads steal the cores from the next one.
+            names = list(runners)
+            for round_ in range(ROUNDS):
+                for name in names[round_ % 3 :] + names[: round_ % 3]:
+                    for _ in range(3):  # warm-up after the other runtimes ran
+                        runners[name](batch)
+                    for _ in range(max(1, args.repeats // ROUNDS)):
+                        t = time.perf_counter()
+                        runners[name](batch)
+                        times[name].append((time.perf_counter() - t) * 1000)
             for name in runners:
                 latency[name][str(bs)] = float(np.median(times[name]))
 
