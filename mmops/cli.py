@@ -299,3 +299,128 @@ def predict(
     )
     if as_json:
         typer.echo(json.dumps(summary))
+
+
+@app.command()
+def retrain(
+    data: Annotated[Path | None, typer.Option("--data", help="dataset (default: data.dir)")] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default: runs/<UTC timestamp>)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the Prefect flow: validate, train, evaluate, export, register, gate, promote."""
+    from flows.retrain import retrain_and_evaluate
+    from mmops.retrain import DatasetRejected
+
+    params = _params(params_file, overrides)
+    data_dir = str(data or params.data.dir)
+    try:
+        result = retrain_and_evaluate(
+            data_dir=data_dir,
+            params_file=str(params_file) if params_file else None,
+            overrides=list(overrides or []),
+            out_dir=str(out) if out else None,
+        )
+    except DatasetRejected as exc:
+        typer.echo(f"error: {exc}; nothing trained, registry untouched", err=True)
+        if as_json:
+            typer.echo(json.dumps({"promoted": False, "error": str(exc)}))
+        raise typer.Exit(1) from None
+    gate = result["gate"]
+    typer.echo(
+        f"{result['model']} v{result['version']}: accuracy {result['accuracy']:.4f}; gate "
+        + ("passed" if gate["passed"] else "rejected (" + "; ".join(gate["reasons"]) + ")")
+        + f"; {'promoted' if result['promoted'] else 'not promoted'}; "
+        f"champion {'v' + result['champion'] if result['champion'] else 'none'}"
+    )
+    if as_json:
+        typer.echo(json.dumps(result))
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="model version to make champion")],
+    reason: Annotated[str, typer.Option("--reason", help="why, recorded on the version")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Move the champion alias to VERSION by hand (no gate), recording who, when and why."""
+    from mmops.registry import RegistryError
+    from mmops.registry import promote as promote_version
+
+    name = _params(params_file, overrides).tracking.registered_model
+    try:
+        promote_version(name, version, reason)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{name}: champion is v{version}")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option("--reason", help="why")] = "rollback",
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    from mmops.registry import RegistryError
+    from mmops.registry import rollback as rollback_champion
+
+    name = _params(params_file, overrides).tracking.registered_model
+    try:
+        version = rollback_champion(name, reason)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{name}: champion is back to v{version}")
+
+
+@app.command()
+def models(
+    params_file: ParamsOption = None, overrides: SetOption = None, as_json: JsonOption = False
+) -> None:
+    """List the registered versions with their aliases and key metrics."""
+    from mmops.registry import list_versions
+
+    name = _params(params_file, overrides).tracking.registered_model
+    versions = list_versions(name)
+    for v in versions:
+        tags = v["tags"]
+        typer.echo(
+            f"v{v['version']:<4} {','.join(v['aliases']) or '-':<22} "
+            f"accuracy {tags.get('test.accuracy', '?')[:6]}  gate "
+            f"{tags.get('mmops.gate.passed', '?'):<5} data {tags.get('data.md5', '?')[:12]}  "
+            f"run {v['run_id']}"
+        )
+    if as_json:
+        typer.echo(json.dumps({"model": name, "versions": versions}))
+
+
+@app.command()
+def schedule(
+    data: Annotated[Path | None, typer.Option("--data", help="dataset (default: data.dir)")] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Serve the retrain flow as a Prefect deployment on the cron schedule in params.yaml."""
+    from prefect.schedules import Cron
+
+    from flows.retrain import retrain_and_evaluate
+
+    params = _params(params_file, overrides)
+    cfg = params.schedule
+    typer.echo(f"serving deployment {cfg.name!r}: cron {cfg.cron!r} ({cfg.timezone}); Ctrl-C stops")
+    retrain_and_evaluate.serve(
+        name=cfg.name,
+        schedule=Cron(cfg.cron, timezone=cfg.timezone),
+        parameters={
+            "data_dir": str(data or params.data.dir),
+            "params_file": str(params_file) if params_file else None,
+            "overrides": list(overrides or []),
+        },
+        pause_on_shutdown=False,
+    )

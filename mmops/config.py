@@ -227,6 +227,38 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """When a challenger may replace the champion, measured on the current test split."""
+
+    # Floors every candidate must clear, champion or not.
+    min_accuracy: float = 0.8
+    max_group_gap: float = 0.25  # largest accuracy gap between `group` values
+    max_latency_ms: float = 500.0  # p50 of one batch of 32 on the serving backend
+    # No regression against the champion beyond these (0.01 = 1 point), overall and per group.
+    max_regression: float = 0.01
+    max_group_regression: float = 0.05
+    # Also require the challenger to be significantly better (McNemar's exact test).
+    require_significance: bool = False
+    significance_level: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("min_accuracy", "max_group_gap", "max_regression", "max_group_regression"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"gate.{name}: must be between 0 and 1")
+        if not 0.0 < self.significance_level < 1.0:
+            raise ConfigError("gate.significance_level: must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The retrain flow's deployment: `mmops schedule` serves it, infra/prefect.yaml declares it."""
+
+    name: str = "monthly"
+    cron: str = "0 3 1 * *"  # 03:00 on the first of every month
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Names in MLflow; the tracking URI itself comes from MLFLOW_TRACKING_URI."""
 
@@ -244,6 +276,8 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

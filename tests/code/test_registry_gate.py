@@ -1,0 +1,86 @@
+"""The promotion gate's decision, McNemar's test and the retrain flow's helpers, on plain data."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from mmops.config import GateConfig
+from mmops.registry import Score, gate, mcnemar_p
+from mmops.retrain import is_transient_error, registration_tags
+
+
+def score(version: str, accuracy: float, groups: dict[str, float], correct: list[bool]) -> Score:
+    gap = max(groups.values()) - min(groups.values()) if groups else 0.0
+    return Score(version, accuracy, groups, gap, 10.0, "int8", correct)
+
+
+def test_first_model_only_needs_the_floors() -> None:
+    verdict = gate(score("1", 0.9, {"a": 0.9, "b": 0.88}, [True] * 9), None, GateConfig())
+    assert verdict.passed and verdict.reasons == [] and verdict.p_value is None
+
+
+def test_floors_name_each_failure() -> None:
+    slow = Score("1", 0.5, {"a": 0.9, "b": 0.1}, 0.8, 900.0, "int8", [True])
+    reasons = " | ".join(gate(slow, None, GateConfig()).reasons)
+    assert "gate.min_accuracy" in reasons
+    assert "gate.max_group_gap" in reasons
+    assert "gate.max_latency_ms" in reasons
+
+
+def test_regression_against_the_champion_is_rejected() -> None:
+    champion = score("1", 0.92, {"a": 0.95, "b": 0.9}, [True] * 92 + [False] * 8)
+    worse = score("2", 0.90, {"a": 0.97, "b": 0.82}, [True] * 90 + [False] * 10)
+
+    verdict = gate(worse, champion, GateConfig())
+
+    assert not verdict.passed
+    reasons = " | ".join(verdict.reasons)
+    assert "2.00 points below champion v1" in reasons
+    assert "group 'b'" in reasons and "group 'a'" not in reasons
+    assert "| accuracy | 0.9000 | 0.9200 |" in verdict.table()
+
+
+def test_equal_model_passes_unless_significance_is_required() -> None:
+    same = [True, False] * 50
+    champion = score("1", 0.5 + 0.4, {}, same)
+    challenger = score("2", 0.9, {}, same)
+    assert gate(challenger, champion, GateConfig()).passed
+    strict = GateConfig(require_significance=True)
+    verdict = gate(challenger, champion, strict)
+    assert not verdict.passed and "not significant" in verdict.reasons[0]
+
+
+def test_mcnemar_counts_only_discordant_pairs() -> None:
+    assert mcnemar_p([True] * 10, [True] * 10) == 1.0
+    # 10 wins, 0 losses: p = 2**-10.
+    assert mcnemar_p([True] * 10, [False] * 10) == pytest.approx(2**-10)
+    # 5 wins, 5 losses: no evidence either way.
+    ours = [True] * 5 + [False] * 5
+    assert mcnemar_p(ours, [not x for x in ours]) == pytest.approx(0.623046875)
+
+
+def test_transient_errors_are_retried_and_data_errors_are_not() -> None:
+    assert is_transient_error(ConnectionError("refused"))
+    assert is_transient_error(sqlite3.OperationalError("database is locked"))
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as inner:
+            raise RuntimeError("tracking call failed") from inner
+    except RuntimeError as outer:
+        assert is_transient_error(outer)
+    assert not is_transient_error(ValueError("bad params"))
+
+
+def test_registration_tags_carry_data_code_metrics_and_verdict() -> None:
+    tags = registration_tags(
+        {"md5": "abc.dir", "dvc_md5": None, "git_commit": "deadbeef"},
+        {"accuracy": 0.91, "macro_f1": 0.9},
+        {"serving": "fp32", "gates": {"int8": {"passed": False, "reasons": ["agrees 0.97"]}}},
+        "run123",
+    )
+    assert tags["data.md5"] == "abc.dir" and tags["git.commit"] == "deadbeef"
+    assert tags["test.accuracy"] == "0.910000" and tags["train.run_id"] == "run123"
+    assert tags["export.int8_passed"] == "False" and tags["export.int8_reasons"] == "agrees 0.97"
