@@ -312,6 +312,11 @@ def retrain(
     as_json: JsonOption = False,
 ) -> None:
     """Run the Prefect flow: validate, train, evaluate, export, register, gate, promote."""
+    import os
+
+    # Without PREFECT_API_URL the flow starts a temporary local API; its first start creates
+    # the database, which takes longer than Prefect's default 20 s wait on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.retrain import retrain_and_evaluate
     from mmops.retrain import DatasetRejected
 

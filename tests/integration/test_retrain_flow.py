@@ -102,6 +102,23 @@ def test_first_run_is_promoted_and_a_worse_one_is_not(two_runs: tuple[dict, dict
     assert rejected["mmops.gate.champion"] == "1"
 
 
+def test_each_run_publishes_its_summary_artifact(two_runs: tuple[dict, dict]) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> list[Any]:
+        async with get_client() as c:
+            key = ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"]))
+            return await c.read_artifacts(artifact_filter=key)
+
+    markdown = [a.data for a in asyncio.run(read())]
+    assert any("v2: not promoted" in m and "below champion v1" in m for m in markdown)
+    assert any("v1: promoted to champion" in m for m in markdown)
+    assert all("| metric | challenger" in m for m in markdown)
+
+
 def test_versions_carry_data_version_commit_metrics_and_export(
     two_runs: tuple[dict, dict], workdir: Path
 ) -> None:
