@@ -410,6 +410,13 @@ def _loader(
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Workers start from a clean server process, not a fork of this one: under an
+        # orchestrator (Prefect, MLflow system metrics) this process has threads and handlers
+        # that a forked worker inherits half-working and trips over when it exits.
+        multiprocessing_context="forkserver" if workers > 0 else None,
+        # The loader draws worker seeds from its own generator, never from the global RNG that
+        # dropout and augmentation use: the result does not depend on the number of workers.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

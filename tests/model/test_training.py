@@ -117,6 +117,21 @@ def test_same_seed_gives_identical_weights_and_history(
             assert torch.equal(tensor, weights_again[name]), name
 
 
+def test_dataloader_workers_do_not_change_the_result(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    # The default trains with decoding worker processes; augmentation and shuffling are drawn
+    # in the main process, so the workers must leave the result bit for bit the same.
+    inline = train(demo_dir, load_params(None, tiny_overrides), tmp_path / "0", progress=False)
+    params = load_params(None, [*tiny_overrides, "train.num_workers=2"])
+    workers = train(demo_dir, params, tmp_path / "2", progress=False)
+
+    assert without_timings(workers.history) == without_timings(inline.history)
+    expected = load_file(inline.model_dir / WEIGHTS_FILE)
+    for name, tensor in load_file(workers.model_dir / WEIGHTS_FILE).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
     demo_dir: Path, train_params: Params, trained_run: TrainResult, tmp_path: Path
 ) -> None:
