@@ -276,7 +276,7 @@ def _train(
             )
         if runtime.world_size > 1:
             dist.barrier()
-        if patience and state["bad_epochs"] >= patience:
+        if patience and state["bad_epochs"] >= patience and epoch + 1 < cfg.epochs:
             stopped_early = True
             log.info("early stop after epoch %d: no val gain in %d epochs", epoch + 1, patience)
             break

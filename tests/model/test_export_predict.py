@@ -146,6 +146,27 @@ def test_parity_gate_names_every_failure() -> None:
     assert "'b'" not in reasons
 
 
+def test_parity_tolerances_are_inclusive() -> None:
+    # Twenty examples of one class; the candidate misses one more: recall 0.75 -> 0.70, a drop
+    # of exactly export.max_recall_drop (0.75 - 0.70 is 0.05000000000000004 in floats).
+    targets = np.zeros(20, dtype=int)
+    reference = np.eye(2)[np.array([0] * 15 + [1] * 5)]
+    candidate = np.eye(2)[np.array([0] * 14 + [1] * 6)]
+    embeds = np.zeros((20, 2))
+    cfg = ExportConfig(max_accuracy_drop=0.05, min_agreement=0.95)
+
+    gate = parity(
+        Outputs(reference, embeds, embeds),
+        Outputs(candidate, embeds, embeds),
+        targets,
+        ["a", "b"],
+        cfg,
+        "int8",
+    )
+
+    assert gate["passed"], gate["reasons"]
+
+
 def test_bad_records_get_an_error_and_the_rest_are_served(
     exported: tuple[dict[str, Any], Path], demo_dir: Path, test_records: list[dict[str, Any]]
 ) -> None:
