@@ -22,7 +22,7 @@ import torch
 from mmops.config import load_params
 from mmops.export import export_model
 from mmops.model import load_model
-from mmops.predict import OnnxRunner, TorchRunner
+from mmops.predict import OnnxRunner, TorchRunner, cycled_batch
 from mmops.preprocess import Collator, MultimodalDataset
 from mmops.train import load_splits
 
@@ -63,7 +63,7 @@ def main() -> None:
 
         latency: dict[str, dict[str, float]] = {name: {} for name in runners}
         for bs in BATCH_SIZES:
-            batch = collate([examples[i % len(examples)] for i in range(bs)])
+            batch = cycled_batch(collate, examples, bs)
             times: dict[str, list[float]] = {name: [] for name in runners}
             # Blocks per runner, in a rotating order: interleaving single calls would let one
             # runtime's spinning worker threads steal the cores from the next one.

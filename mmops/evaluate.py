@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from mmops.config import Params
 from mmops.model import WEIGHTS_FILE, count_parameters
-from mmops.predict import Predictor, measure_latency, run_loader
+from mmops.predict import Predictor, cycled_batch, measure_latency, run_loader
 from mmops.preprocess import ImageTransform, MultimodalDataset, TextTransform
 from mmops.train import load_splits
 
@@ -236,9 +236,7 @@ def efficiency(
     device = next(loaded.model.parameters()).device
     latency = {
         str(bs): measure_latency(
-            predictor.runner,
-            predictor.collate([dataset[i % len(dataset)] for i in range(bs)]),
-            repeats,
+            predictor.runner, cycled_batch(predictor.collate, dataset, bs), repeats
         )
         for bs in batch_sizes
     }

@@ -22,17 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmops.config import ExportConfig, Params
-from mmops.model import META_FILE, LoadedModel, MultimodalClassifier, load_model
+from mmops.model import META_FILE, LoadedModel, MultimodalClassifier
 from mmops.predict import (
     EXPORT_FILE,
     ONNX_FILES,
     OnnxRunner,
     Outputs,
-    TorchRunner,
+    Predictor,
+    cycled_batch,
     measure_latency,
     run_loader,
 )
-from mmops.preprocess import MODEL_INPUTS, Collator, MultimodalDataset
+from mmops.preprocess import MODEL_INPUTS, MultimodalDataset
 from mmops.train import load_splits
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,10 @@ def export_model(
     cfg = params.export
     out = Path(out_dir or cfg.out_dir)
     _copy_model_folder(Path(model_dir), out)
-    loaded = load_model(out)
+    # The torch side of the gate is the prediction path itself, forced to the torch backend.
+    reference = Predictor(out, backend="torch", config=params.predict)
+    loaded, collate = reference.loaded, reference.collate
     config = loaded.model.config
-    collate = Collator(loaded.tokenizer, config.image_size, config.max_text_length)
 
     frame = load_splits(data_dir, params)
     test = frame[frame["split"] == "test"].reset_index(drop=True)
@@ -87,7 +89,7 @@ def export_model(
     quantize_int8(fp32_path, int8_path)
 
     runners = {
-        "torch": TorchRunner(loaded),
+        "torch": reference.runner,
         "fp32": OnnxRunner(fp32_path, "fp32", params.predict.threads),
         "int8": OnnxRunner(int8_path, "int8", params.predict.threads),
     }
@@ -112,7 +114,7 @@ def export_model(
         },
         "latency": {
             name: {
-                str(bs): measure_latency(runner, _latency_batch(dataset, bs, collate), repeats)
+                str(bs): measure_latency(runner, cycled_batch(collate, dataset, bs), repeats)
                 for bs in cfg.latency_batch_sizes
             }
             for name, runner in runners.items()
@@ -296,13 +298,6 @@ def parity(
 
 def _accuracy(outputs: Outputs, targets: np.ndarray) -> float:
     return float((outputs.probs.argmax(1) == targets).mean())
-
-
-def _latency_batch(
-    dataset: MultimodalDataset, size: int, collate: Collator
-) -> dict[str, torch.Tensor]:
-    """A batch of exactly `size` test examples (cycled when the split is smaller)."""
-    return collate([dataset[i % len(dataset)] for i in range(size)])
 
 
 def _copy_model_folder(model_dir: Path, out: Path) -> None:

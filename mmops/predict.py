@@ -79,7 +79,6 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.name = name
-        self.path = path
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
         feeds = {name: batch[name].numpy() for name in self.inputs}
@@ -264,6 +263,13 @@ def measure_latency(
         "p95_ms": float(np.percentile(times, 95)),
         "throughput_per_s": len(batch["pixel_values"]) / (p50 / 1000),
     }
+
+
+def cycled_batch(
+    collate: Collator, examples: Sequence[Example], size: int
+) -> dict[str, torch.Tensor]:
+    """A batch of exactly `size` examples, repeating them when there are fewer (for timing)."""
+    return collate([examples[i % len(examples)] for i in range(size)])
 
 
 def _record_id(record: Any) -> Any:

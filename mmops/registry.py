@@ -79,7 +79,7 @@ class Score:
 
 def score(name: str, version: str, data_dir: Path | str, params: Params) -> Score:
     """Accuracy, per-group accuracy and latency of a registered version on the test split."""
-    from mmops.predict import Predictor, measure_latency
+    from mmops.predict import Predictor, cycled_batch, measure_latency
     from mmops.train import load_splits
 
     predictor = Predictor.load(f"models:/{name}/{version}", params.predict.backend, params.predict)
@@ -95,7 +95,7 @@ def score(name: str, version: str, data_dir: Path | str, params: Params) -> Scor
         for group, rows in test.groupby(test["group"].fillna("none")):
             groups[str(group)] = float(correct[rows.index].mean())
     examples = [predictor.example(r, data_dir) for r in test.head(32).to_dict("records")]
-    batch = predictor.collate([examples[i % len(examples)] for i in range(32)])
+    batch = cycled_batch(predictor.collate, examples, 32)
     latency = measure_latency(predictor.runner, batch, repeats=10)["p50_ms"]
     return Score(
         version=version,
