@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     )
     # GX logs its own start-up at INFO; only its warnings concern a user.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # kafka-python narrates every connection at INFO.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -429,3 +432,163 @@ def schedule(
         },
         pause_on_shutdown=False,
     )
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="pin a model (models:/NAME/VERSION, runs:/ or a folder); an @alias is followed. "
+            "Default: models:/<tracking.registered_model>@champion, followed",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus port (default: stream.metrics_port; 0 = off)")
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="json (one object per line) | text")] = "json",
+    max_events: Annotated[
+        int | None, typer.Option(help="stop after this many events (default: run until signalled)")
+    ] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Serve live predictions from Kafka: micro-batches, at least once, bad events to the DLQ.
+
+    Brokers and credentials come from KAFKA_BOOTSTRAP_SERVERS (default 127.0.0.1:9092),
+    KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and
+    KAFKA_SSL_CAFILE/CERTFILE/KEYFILE; the registry from MLFLOW_TRACKING_URI. SIGTERM or Ctrl-C
+    finishes the batch in hand, commits it and exits. Run N of these over N partitions to scale.
+    """
+    import signal
+
+    from mmops.stream import JsonLogFormatter, StreamServer, kafka_settings
+
+    params = _params(params_file, overrides)
+    if log_format not in ("json", "text"):
+        typer.echo("error: --log-format must be json or text", err=True)
+        raise typer.Exit(2)
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
+    try:
+        kafka = kafka_settings()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    server = StreamServer(params, model, kafka)
+    port = params.stream.metrics_port if metrics_port is None else metrics_port
+    if port:
+        server.metrics.serve(port)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop())
+    try:
+        stats = server.run(max_events)
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException | FileNotFoundError):
+            raise
+        typer.echo(f"error: cannot load {server.models.model_ref}: {exc}", err=True)
+        typer.echo("hint: run `mmops retrain` to register and promote a champion", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        server.metrics.close()
+    typer.echo(json.dumps(stats.to_dict()))
+
+
+@app.command()
+def up(
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
+    with_mlflow: Annotated[
+        bool, typer.Option("--mlflow/--no-mlflow", help="also serve the MLflow UI")
+    ] = True,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Start the local stack on loopback: Kafka-compatible broker with the topics, MLflow server."""
+    from mmops.stack import DEFAULT_BOOTSTRAP, StackError
+    from mmops.stack import up as start
+    from mmops.tracking import tracking_uri
+
+    cfg = _params(params_file, overrides).stream
+    try:
+        services = start(
+            [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic],
+            cfg.partitions,
+            os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
+            tracking_uri(),
+            mlflow_port,
+            with_mlflow,
+        )
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for service in services:
+        typer.echo(f"{service.name:7} {service.url:24} pid {service.pid}  log {service.log}")
+    typer.echo(
+        f"topics  {cfg.input_topic}, {cfg.output_topic}, {cfg.dead_letter_topic} "
+        f"({cfg.partitions} partitions); `mmops down` stops the stack"
+    )
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack that `mmops up` started (broker topics live in memory: gone)."""
+    from mmops.stack import down as stop
+
+    stopped = stop()
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command("stream-demo")
+def stream_demo(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory to send")],
+    split: Annotated[str, typer.Option(help="which split to send")] = "test",
+    limit: Annotated[int | None, typer.Option(help="send at most this many events")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every answer")] = 120.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no line per prediction")] = False,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a dataset split as events to a running `mmops serve`; print predictions as they come."""
+    from mmops.stream import dataset_events, kafka_settings, replay
+    from mmops.train import load_splits
+
+    params = _params(params_file, overrides)
+    frame = load_splits(data, params)
+    rows = frame[frame["split"] == split].to_dict("records")[:limit]
+    events = dataset_events(rows, data)
+
+    def show(result: dict) -> None:
+        if "error" in result:
+            typer.echo(f"{result['id']:>12}  dead letter: {result['error']}")
+            return
+        truth = result.get("truth")
+        mark = "" if truth in (None, result["label"]) else f"  (truth {truth})"
+        latency = result["arrived_ms"] - result["event_ts"]
+        typer.echo(
+            f"{result['id']:>12}  {result['label']:<10} {max(result['scores'].values()):.3f}  "
+            f"v{result['model']['version']}  {latency:>5} ms{mark}"
+        )
+
+    typer.echo(f"sending {len(events)} {split} events to {params.stream.input_topic}")
+    try:
+        summary = replay(events, params.stream, kafka_settings(), timeout, None if quiet else show)
+    except (RuntimeError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        typer.echo("hint: `mmops up` starts the broker, `mmops serve` the consumer", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"{summary['predicted']}/{summary['sent']} predicted, {summary['dead_letters']} dead "
+        f"letters, {summary['missing']} missing; accuracy {summary.get('accuracy', '-')}; "
+        f"latency p50 {summary.get('latency_ms_p50', 0):.0f} ms, "
+        f"p99 {summary.get('latency_ms_p99', 0):.0f} ms; {summary['versions']}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+    if summary["missing"]:
+        typer.echo("error: some events got no answer; is `mmops serve` running?", err=True)
+        raise typer.Exit(1)

@@ -227,6 +227,38 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """The Kafka consumer (`mmops serve`); brokers and credentials come from the environment."""
+
+    input_topic: str = "mmops.events"
+    output_topic: str = "mmops.predictions"
+    dead_letter_topic: str = "mmops.events.dlq"
+    group_id: str = "mmops-serve"
+    partitions: int = 2  # topics `mmops up` creates; consumers in one group scale up to this
+    # A micro-batch closes at max_batch events or max_wait_ms after its first event.
+    max_batch: int = 64
+    max_wait_ms: int = 50
+    max_event_bytes: int = 16_000_000  # an event's raw value; base64 images are ~4/3 their bytes
+    model_poll_s: float = 10.0  # how often to look for a new champion
+    # How long the group waits for a dead consumer before giving its partitions to another.
+    session_timeout_ms: int = 10_000
+    auto_offset_reset: str = "earliest"  # where a new group starts: earliest | latest
+    metrics_port: int = 9108  # Prometheus /metrics; 0 disables
+
+    def __post_init__(self) -> None:
+        if min(self.partitions, self.max_batch, self.max_event_bytes) < 1:
+            raise ConfigError("stream: partitions, max_batch and max_event_bytes must be >= 1")
+        if self.max_wait_ms < 0 or self.model_poll_s <= 0:
+            raise ConfigError("stream: max_wait_ms must be >= 0 and model_poll_s > 0")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError("stream.auto_offset_reset: must be earliest or latest")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("stream.metrics_port: must be a port number (0 disables)")
+        if len({self.input_topic, self.output_topic, self.dead_letter_topic}) < 3:
+            raise ConfigError("stream: input, output and dead-letter topics must differ")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """When a challenger may replace the champion, measured on the current test split."""
 
@@ -276,6 +308,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

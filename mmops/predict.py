@@ -33,7 +33,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 class RecordError(ValueError):
-    """A record that cannot be predicted; the message names the field."""
+    """A record that cannot be predicted; the message names the field, `reason` is a short code."""
+
+    def __init__(self, message: str, reason: str = "invalid_record") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Outputs(NamedTuple):
@@ -177,7 +181,7 @@ class Predictor:
                 slots.append(len(results))
                 results.append({"id": record_id})
             except RecordError as error:
-                results.append({"id": record_id, "error": str(error)})
+                results.append({"id": record_id, "error": str(error), "reason": error.reason})
         outputs = self.run(examples)
         for slot, probs in zip(slots, outputs.probs, strict=True):
             results[slot].update(
@@ -191,18 +195,23 @@ class Predictor:
     def example(self, record: Mapping[str, Any], root: Path | str | None = None) -> Example:
         """The training preprocessing applied to one record; RecordError names a bad field."""
         if not isinstance(record, Mapping):
-            raise RecordError(f"record: expected an object, got {type(record).__name__}")
+            raise RecordError(
+                f"record: expected an object, got {type(record).__name__}", "not_object"
+            )
         if "_invalid" in record:
-            raise RecordError(f"record: invalid JSON ({record['_invalid']})")
+            raise RecordError(f"record: invalid JSON ({record['_invalid']})", "not_json")
         if "id" not in record or record["id"] is None or record["id"] == "":
-            raise RecordError("id: missing")
+            raise RecordError("id: missing", "missing_field")
         text = record.get("text")
         if text is not None and not isinstance(text, str):
-            raise RecordError(f"text: expected a string or null, got {type(text).__name__}")
+            raise RecordError(
+                f"text: expected a string or null, got {type(text).__name__}", "wrong_type"
+            )
         if text is not None and len(text) > self.config.max_text_chars:
             raise RecordError(
                 f"text: {len(text)} characters exceeds predict.max_text_chars "
-                f"({self.config.max_text_chars})"
+                f"({self.config.max_text_chars})",
+                "text_too_long",
             )
         source = record.get("image")
         pixels = None
@@ -210,7 +219,7 @@ class Predictor:
             image = self._open(source, root)
             pixels = image_tensor(image, self.image_size)
         if pixels is None and text is None:
-            raise RecordError("image, text: the record has neither")
+            raise RecordError("image, text: the record has neither", "missing_field")
         return Example(pixels, text, -1)
 
     def _open(self, source: Any, root: Path | str | None) -> Any:
@@ -218,7 +227,7 @@ class Predictor:
         if isinstance(source, str) and root is not None and _looks_like_path(source):
             path = Path(root) / source
             if not path.is_file():
-                raise RecordError(f"image: no such file {source!r}")
+                raise RecordError(f"image: no such file {source!r}", "image_missing")
             size = path.stat().st_size
             data: str | Path | bytes = path
         else:
@@ -226,14 +235,15 @@ class Predictor:
             size = len(data)
         if size > cfg.max_image_bytes:
             raise RecordError(
-                f"image: {size} bytes exceeds predict.max_image_bytes ({cfg.max_image_bytes})"
+                f"image: {size} bytes exceeds predict.max_image_bytes ({cfg.max_image_bytes})",
+                "image_too_large",
             )
         try:
             return open_image(data, max_pixels=cfg.max_image_pixels)
         except ValueError as error:  # too many pixels, checked before decoding
-            raise RecordError(f"image: {error}") from None
+            raise RecordError(f"image: {error}", "image_too_many_pixels") from None
         except OSError as error:  # PIL's UnidentifiedImageError and truncated files
-            raise RecordError(f"image: cannot decode ({error})") from None
+            raise RecordError(f"image: cannot decode ({error})", "image_undecodable") from None
 
 
 def run_loader(
@@ -288,9 +298,12 @@ def _image_bytes(source: Any) -> bytes:
             return base64.b64decode(source, validate=True)
         except (binascii.Error, ValueError):
             raise RecordError(
-                "image: not base64 (a path is only accepted with a dataset root)"
+                "image: not base64 (a path is only accepted with a dataset root)",
+                "image_not_base64",
             ) from None
-    raise RecordError(f"image: expected bytes, base64 text or a path, got {type(source).__name__}")
+    raise RecordError(
+        f"image: expected bytes, base64 text or a path, got {type(source).__name__}", "wrong_type"
+    )
 
 
 def _read_export(folder: Path) -> dict[str, Any] | None:

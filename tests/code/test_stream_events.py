@@ -1,0 +1,135 @@
+"""The event contract of the stream consumer: decoding, outputs, dead letters, settings."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from mmops.config import ConfigError, load_params
+from mmops.stack import StackError, loopback_port
+from mmops.stream import (
+    EventError,
+    ModelSource,
+    dead_letter_headers,
+    decode_event,
+    kafka_settings,
+    prediction_value,
+)
+
+GOOD = {"id": "e1", "text": "a red circle", "image": "aGVsbG8=", "ts": 5, "source": "cam-1"}
+
+
+def encode(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def test_a_good_event_decodes_to_its_fields() -> None:
+    assert decode_event(encode(GOOD), 1000) == GOOD
+
+
+def test_null_modalities_are_allowed_when_declared() -> None:
+    event = {"id": "e1", "text": None, "image": "aGVsbG8="}
+    assert decode_event(encode(event), 1000) == event
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "names"),
+    [
+        (None, "null_value", "value: null"),
+        (b"x" * 1001, "event_too_large", "stream.max_event_bytes"),
+        (b"\xff\xfe{}", "not_utf8", "value: not UTF-8"),
+        (b"{not json", "not_json", "value: not JSON"),
+        (encode([GOOD]), "not_object", "got list"),
+        (encode("just text"), "not_object", "got str"),
+        (encode({"text": "t", "image": None}), "missing_field", "id: missing"),
+        (encode({**GOOD, "id": None}), "missing_field", "id: missing"),
+        (encode({**GOOD, "id": 7}), "wrong_type", "id: expected a non-empty string"),
+        (encode({**GOOD, "id": ""}), "wrong_type", "id: expected a non-empty string"),
+        (encode({"id": "e1", "image": None}), "missing_field", "text: missing"),
+        (encode({"id": "e1", "text": "t"}), "missing_field", "image: missing"),
+        (encode({**GOOD, "image": [1, 2]}), "wrong_type", "image: expected base64"),
+    ],
+)
+def test_bad_events_name_what_is_wrong(value: bytes | None, reason: str, names: str) -> None:
+    with pytest.raises(EventError, match=names) as caught:
+        decode_event(value, 1000)
+    assert caught.value.reason == reason
+
+
+def test_prediction_passes_extra_fields_through_without_clobbering_its_own() -> None:
+    result = {"id": "e1", "label": "red", "scores": {"red": 0.9}, "model": "m", "version": "3"}
+    value = prediction_value(GOOD, result, received=100.0, now=100.25)
+    assert value["model"] == {"name": "m", "version": "3"}
+    assert value["latency_ms"] == 250.0
+    assert value["ts"] == 100250
+    assert value["event_ts"] == 5  # the event's own ts, kept next to the prediction's
+    assert value["source"] == "cam-1"
+    assert "text" not in value and "image" not in value
+
+
+def test_dead_letter_headers_keep_the_original_and_say_where_from() -> None:
+    message = SimpleNamespace(
+        topic="in", partition=1, offset=42, timestamp=7, headers=[("trace", b"abc")]
+    )
+    headers = dict(dead_letter_headers(message, "not_json", "value: not JSON"))
+    assert headers["trace"] == b"abc"
+    assert headers["mmops.error.reason"] == b"not_json"
+    assert headers["mmops.error.message"] == b"value: not JSON"
+    assert headers["mmops.source.topic"] == b"in"
+    assert headers["mmops.source.partition"] == b"1"
+    assert headers["mmops.source.offset"] == b"42"
+
+
+def test_kafka_settings_come_from_the_environment() -> None:
+    settings = kafka_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "b1:9093, b2:9093",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "svc",
+            "KAFKA_SASL_PASSWORD": "secret",
+        }
+    )
+    assert settings["bootstrap_servers"] == ["b1:9093", "b2:9093"]
+    assert settings["security_protocol"] == "SASL_SSL"
+    assert settings["sasl_plain_password"] == "secret"
+    assert kafka_settings({})["bootstrap_servers"] == ["127.0.0.1:9092"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("KAFKA_SECURITY_PROTOCOL", "TLS"), ("KAFKA_SASL_MECHANISM", "MAGIC")],
+)
+def test_bad_kafka_settings_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        kafka_settings({name: value})
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("stream.max_batch=0", "stream"),
+        ("stream.auto_offset_reset=middle", "stream.auto_offset_reset"),
+        ("stream.output_topic=mmops.events", "topics must differ"),
+        ("stream.metrics_port=70000", "stream.metrics_port"),
+    ],
+)
+def test_stream_config_is_validated(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_params(None, [override])
+
+
+def test_only_an_alias_is_followed() -> None:
+    cfg = load_params().predict
+    assert ModelSource("models:/m@champion", cfg, 1.0).follow
+    assert not ModelSource("models:/m/3", cfg, 1.0).follow
+    assert not ModelSource("runs:/abc/model", cfg, 1.0).follow
+    assert not ModelSource("models:/m@champion", cfg, 1.0, follow=False).follow
+
+
+def test_up_only_starts_a_loopback_broker() -> None:
+    assert loopback_port("127.0.0.1:9092") == 9092
+    with pytest.raises(StackError, match="not a loopback address"):
+        loopback_port("kafka.prod:9092")

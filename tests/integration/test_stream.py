@@ -1,0 +1,490 @@
+"""The Kafka consumer against a real broker (Tansu) and a real MLflow registry (SQLite in tmp)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmops import registry
+from mmops.cli import app
+from mmops.config import Params, load_params
+from mmops.stack import LOOPBACK, create_topics, free_port, start_broker
+from mmops.stream import StreamServer, dataset_events
+from mmops.train import load_splits
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MMOPS = str(Path(sys.executable).parent / "mmops")
+MODEL = "mmops-stream-test"
+PARTITIONS = 2
+
+
+@dataclass(frozen=True)
+class Registered:
+    workdir: Path
+    tracking_uri: str
+    events: list[dict[str, Any]]  # valid events from the demo data, ids unique
+
+
+@dataclass(frozen=True)
+class Topics:
+    overrides: tuple[str, ...]
+    params: Params
+    input: str
+    output: str
+    dead: str
+
+
+def set_args(overrides: tuple[str, ...]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    port = free_port()
+    process = start_broker(port, tmp_path_factory.mktemp("broker") / "broker.log")
+    process.bootstrap = f"{LOOPBACK}:{port}"  # type: ignore[attr-defined]
+    yield process
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def bootstrap(broker: subprocess.Popen) -> str:
+    return broker.bootstrap  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def registered(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registered]:
+    """A tiny model trained and exported once, registered as v1 (champion) and v2."""
+    workdir = tmp_path_factory.mktemp("stream")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    runner = CliRunner()
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MMOPS_LOCK_DIR", str(workdir))
+        args = set_args((*tiny_overrides, "train.epochs=4", "train.lr=0.003"))
+        trained = runner.invoke(app, ["train", "--data", str(demo_dir), *args, "--json"])
+        assert trained.exit_code == 0, trained.output
+        model_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
+        exported = runner.invoke(
+            app, ["export", "--data", str(demo_dir), "--model", model_uri, *args, "--json"]
+        )
+        assert exported.exit_code == 0, exported.output
+        serving_uri = json.loads(exported.stdout.strip().splitlines()[-1])["model_uri"]
+        for _ in range(2):
+            registry.register(serving_uri, MODEL, {})
+        registry.promote(MODEL, "1", "first champion")
+        rows = load_splits(demo_dir, load_params()).to_dict("records")
+        yield Registered(workdir, uri, dataset_events(rows, demo_dir))
+    mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture
+def topics(bootstrap: str, registered: Registered) -> Topics:
+    """Fresh topics and a fresh group for one test."""
+    tag = uuid.uuid4().hex[:8]
+    names = (f"events-{tag}", f"predictions-{tag}", f"dlq-{tag}")
+    create_topics(bootstrap, names, PARTITIONS)
+    overrides = (
+        f"stream.input_topic={names[0]}",
+        f"stream.output_topic={names[1]}",
+        f"stream.dead_letter_topic={names[2]}",
+        f"stream.group_id=serve-{tag}",
+        f"tracking.registered_model={MODEL}",
+        "stream.max_batch=16",
+        "stream.model_poll_s=0.3",
+        "stream.session_timeout_ms=6000",
+        "stream.metrics_port=0",
+    )
+    return Topics(overrides, load_params(None, overrides), *names)
+
+
+@pytest.fixture
+def serving(topics: Topics, bootstrap: str) -> Iterator[Callable[..., StreamServer]]:
+    """Start in-process consumers following the champion; all are stopped after the test."""
+    started: list[tuple[StreamServer, threading.Thread]] = []
+
+    def start(params: Params | None = None) -> StreamServer:
+        server = StreamServer(params or topics.params, kafka={"bootstrap_servers": bootstrap})
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for key, value in zip(keys, values, strict=True):
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode()
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    done: Callable[[list[Any]], bool],
+    timeout: float = 90,
+    settle: float = 1.5,
+) -> list[Any]:
+    """Messages from the start of `topic` until `done`, then `settle` seconds more (duplicates)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20
+    )
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not done(messages) and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            messages.extend(batch)
+    end = time.monotonic() + settle
+    while time.monotonic() < end:
+        for batch in consumer.poll(timeout_ms=200).values():
+            messages.extend(batch)
+    consumer.close()
+    return messages
+
+
+def ids_of(messages: list[Any]) -> list[str]:
+    return [json.loads(m.value)["id"] for m in messages]
+
+
+def covers(ids: set[str]) -> Callable[[list[Any]], bool]:
+    return lambda messages: ids <= set(ids_of(messages))
+
+
+def test_n_events_in_n_distinct_predictions_out(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    events = [{**e, "seq": i} for i, e in enumerate(registered.events[:150])]
+    produce(bootstrap, topics.input, [encode(e) for e in events], [b"k"] * len(events))
+    server = serving()
+    sent = {e["id"] for e in events}
+
+    out = read_topic(bootstrap, topics.output, covers(sent))
+
+    assert sorted(ids_of(out)) == sorted(sent)  # each exactly once
+    by_id = {e["id"]: e for e in events}
+    for message in out:
+        value = json.loads(message.value)
+        assert message.key == value["id"].encode()
+        assert value["model"] == {"name": MODEL, "version": "1"}
+        assert abs(sum(value["scores"].values()) - 1) < 1e-4
+        assert value["label"] == max(value["scores"], key=value["scores"].get)
+        assert value["seq"] == by_id[value["id"]]["seq"]  # extra fields pass through
+        assert value["truth"] == by_id[value["id"]]["truth"]
+        assert value["latency_ms"] >= 0 and value["ts"] > 0
+    metrics = server.metrics.registry
+    assert metrics.get_sample_value("mmops_stream_events_total", {"outcome": "predicted"}) == 150
+    backend = server.models.current.backend
+    info = {"name": MODEL, "version": "1", "backend": backend}
+    assert metrics.get_sample_value("mmops_stream_model_info", info) == 1
+    assert metrics.get_sample_value("mmops_stream_end_to_end_seconds_count") == 150
+
+
+def png(size: tuple[int, int], noise: bool = False, mode: str = "RGB") -> bytes:
+    if noise:
+        image = Image.frombytes("RGB", size, random.Random(0).randbytes(size[0] * size[1] * 3))
+    else:
+        image = Image.new(mode, size, "white")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def poison_corpus(good: dict[str, Any]) -> list[tuple[bytes | None, str]]:
+    """(value, expected reason) for every kind of bad event the contract names."""
+    bomb = png((6000, 6000), mode="L")  # tens of KB of PNG, 36 M pixels once decoded
+    assert len(bomb) < 100_000
+    big = png((300, 300), noise=True)  # over predict.max_image_bytes=100000 below
+    assert len(big) > 100_000
+    event = {k: good[k] for k in ("text", "image")}
+    return [
+        (b"\x00\x01 not json", "not_json"),
+        (b'{"id": "trunc', "not_json"),
+        (b"\xff\xfe\xfd", "not_utf8"),
+        (b"[1, 2, 3]", "not_object"),
+        (b'"a string"', "not_object"),
+        (None, "null_value"),
+        (encode(event), "missing_field"),
+        (encode({**event, "id": 12}), "wrong_type"),
+        (encode({"id": "p-no-image", "text": "hello"}), "missing_field"),
+        (encode({"id": "p-img-type", "text": "t", "image": 7}), "wrong_type"),
+        (encode({"id": "p-text-type", "text": ["t"], "image": None}), "wrong_type"),
+        (encode({"id": "p-neither", "text": None, "image": None}), "missing_field"),
+        (encode({"id": "p-not-b64", "text": "t", "image": "images/x.png"}), "image_not_base64"),
+        (
+            encode({"id": "p-garbage", "text": "t", "image": b64(b"not an image")}),
+            "image_undecodable",
+        ),
+        (
+            encode({"id": "p-truncated", "text": "t", "image": b64(png((64, 64))[:60])}),
+            "image_undecodable",
+        ),
+        (encode({"id": "p-bomb", "text": "t", "image": b64(bomb)}), "image_too_many_pixels"),
+        (encode({"id": "p-big", "text": "t", "image": b64(big)}), "image_too_large"),
+        (encode({"id": "p-long-text", "text": "x" * 1001, "image": None}), "text_too_long"),
+        (encode({"id": "p-huge", "text": "x" * 600_000, "image": None}), "event_too_large"),
+    ]
+
+
+def test_poison_events_go_to_the_dlq_and_the_stream_goes_on(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    good = registered.events[:60]
+    corpus = poison_corpus(good[0])
+    values: list[bytes | None] = []
+    expected: dict[int, str] = {}  # position in the input -> reason
+    for i, event in enumerate(good):
+        values.append(encode(event))
+        if i < len(corpus):
+            expected[len(values)] = corpus[i][1]
+            values.append(corpus[i][0])
+    keys = [f"k{i}".encode() for i in range(len(values))]
+    params = load_params(
+        None, (*topics.overrides, "predict.max_image_bytes=100000", "stream.max_event_bytes=500000")
+    )
+    produce(bootstrap, topics.input, values, keys)
+    server = serving(params)
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in good}))
+    dead = read_topic(bootstrap, topics.dead, lambda m: len(m) >= len(corpus))
+
+    assert sorted(ids_of(out)) == sorted(e["id"] for e in good)
+    assert len(dead) == len(corpus)
+    reasons = Counter(dict(m.headers)["mmops.error.reason"].decode() for m in dead)
+    assert reasons == Counter(expected.values())
+    for message in dead:
+        headers = dict(message.headers)
+        position = int(message.key.decode()[1:])
+        assert message.value == values[position]  # the original bytes, untouched
+        assert headers["mmops.error.reason"].decode() == expected[position]
+        assert headers["mmops.source.topic"].decode() == topics.input
+        assert headers["mmops.error.message"]
+        source = (int(headers["mmops.source.partition"]), int(headers["mmops.source.offset"]))
+        assert source in _offsets(bootstrap, topics.input)[message.key]
+    metrics = server.metrics.registry
+    assert metrics.get_sample_value("mmops_stream_dead_letters_total", {"reason": "not_json"}) == 2
+
+
+def _offsets(bootstrap: str, topic: str) -> dict[bytes, set[tuple[int, int]]]:
+    found: dict[bytes, set[tuple[int, int]]] = {}
+    for message in read_topic(bootstrap, topic, lambda m: False, timeout=2, settle=0):
+        found.setdefault(message.key, set()).add((message.partition, message.offset))
+    return found
+
+
+def test_champion_swap_mid_stream_serves_each_event_once(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    events = registered.events[:240]
+    server = serving()
+
+    def send() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for event in events:
+            producer.send(topics.input, encode(event))
+            time.sleep(0.02)
+        producer.flush()
+        producer.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    read_topic(bootstrap, topics.output, lambda m: len(m) >= 40, settle=0)
+    registry.promote(MODEL, "2", "swap test")
+    sender.join()
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}))
+    registry.promote(MODEL, "1", "restore")
+
+    assert sorted(ids_of(out)) == sorted(e["id"] for e in events)
+    values = sorted((json.loads(m.value) for m in out), key=lambda v: v["ts"])
+    versions = [v["model"]["version"] for v in values]
+    assert versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions)  # once v2 serves, v1 never does again
+    assert server.stats.versions == ["1", "2"]
+    assert server.metrics.registry.get_sample_value("mmops_stream_model_swaps_total") == 1
+
+
+def test_broker_pause_loses_nothing(
+    broker: subprocess.Popen,
+    registered: Registered,
+    topics: Topics,
+    bootstrap: str,
+    serving: Callable[..., StreamServer],
+) -> None:
+    events = registered.events[:200]
+    produce(bootstrap, topics.input, [encode(e) for e in events], [b"k"] * len(events))
+    serving()
+    read_topic(bootstrap, topics.output, lambda m: len(m) >= 16, settle=0)
+    broker.send_signal(signal.SIGSTOP)  # the broker stops answering, connections stay open
+    try:
+        time.sleep(4)
+    finally:
+        broker.send_signal(signal.SIGCONT)
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}))
+
+    assert set(ids_of(out)) == {e["id"] for e in events}
+
+
+def serve_process(topics: Topics, bootstrap: str, registered: Registered, log: Path) -> Any:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "MLFLOW_TRACKING_URI": registered.tracking_uri,
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [MMOPS, "serve", *set_args(topics.overrides)],
+            cwd=registered.workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_kill_9_at_random_points_loses_no_event(
+    registered: Registered, topics: Topics, bootstrap: str, tmp_path: Path
+) -> None:
+    events = registered.events[:400]
+    rng = random.Random(7)
+    log = tmp_path / "serve.log"
+
+    def send() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for event in events:
+            producer.send(topics.input, encode(event))
+            time.sleep(0.05)
+        producer.flush()
+        producer.close()
+
+    sender = threading.Thread(target=send)
+    process = serve_process(topics, bootstrap, registered, log)
+    sender.start()
+    kills = 0
+    for _ in range(2):
+        served = len(read_topic(bootstrap, topics.output, lambda m: False, timeout=1, settle=0))
+        # Wait for the (re)started consumer to serve, then kill it at a random moment.
+        target = served + 20
+        read_topic(bootstrap, topics.output, lambda m, target=target: len(m) > target, settle=0)
+        time.sleep(rng.uniform(0, 0.5))
+        process.kill()
+        process.wait()
+        kills += 1
+        process = serve_process(topics, bootstrap, registered, log)
+    sender.join()
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}), timeout=120)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=60)
+
+    ids = ids_of(out)
+    assert set(ids) == {e["id"] for e in events}, log.read_text()[-3000:]
+    duplicates = len(ids) - len(set(ids))
+    # At least once: a kill repeats at most the uncommitted batch of each partition.
+    assert duplicates <= kills * PARTITIONS * 16
+    assert code == 0
+    assert '"msg": "stopped"' in log.read_text()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=topics.params.stream.group_id)
+    partitions = [TopicPartition(topics.input, p) for p in range(PARTITIONS)]
+    ends = consumer.end_offsets(partitions)
+    assert {p: consumer.committed(p) for p in partitions} == ends  # graceful stop committed all
+    consumer.close()
+
+
+def test_up_serve_stream_demo_down(registered: Registered, demo_dir: Path, tmp_path: Path) -> None:
+    """The README's stream: `mmops up`, `mmops serve`, `mmops stream-demo`, `mmops down`."""
+    port, metrics_port, mlflow_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": f"{LOOPBACK}:{port}",
+        "MLFLOW_TRACKING_URI": registered.tracking_uri,
+    }
+    model = (f"tracking.registered_model={MODEL}", "stream.model_poll_s=1")
+
+    def mmops(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [MMOPS, *args, *set_args(model)] if args[0] != "down" else [MMOPS, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    started = mmops("up", "--mlflow-port", str(mlflow_port))
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{mlflow_port}/health", timeout=10) as r:
+            assert r.status == 200
+        server = subprocess.Popen(
+            [MMOPS, "serve", "--metrics-port", str(metrics_port), *set_args(model)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        demo = mmops(
+            "stream-demo", "--data", str(demo_dir), "--limit", "30", "--timeout", "120", "--json"
+        )
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        summary = json.loads(demo.stdout.strip().splitlines()[-1])
+        assert summary["predicted"] == summary["sent"] == 30
+        assert summary["versions"] == {f"{MODEL} v1": 30}
+        assert len(demo.stdout.strip().splitlines()) >= 32  # a line per prediction
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics") as r:
+            metrics = r.read().decode()
+        assert 'mmops_stream_events_total{outcome="predicted"} 30.0' in metrics
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=60)
+        assert server.returncode == 0, stderr[-2000:]
+        assert json.loads(stdout.strip().splitlines()[-1])["predicted"] == 30
+    finally:
+        stopped = mmops("down")
+    assert "broker" in stopped.stdout and "mlflow" in stopped.stdout
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{LOOPBACK}:{mlflow_port}/health", timeout=2)
