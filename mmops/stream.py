@@ -299,12 +299,22 @@ class ModelSource:
                 predictor = self._load(version)
                 with self._lock:
                     self._pending = predictor
-                log.info("loaded new champion", extra={"data": {"version": version}})
+                log.info("loaded new champion", extra=_data(version=version))
             except Exception as error:  # keep serving the current model through registry trouble
                 log.warning(
                     "champion check failed; still serving the current model",
-                    extra={"data": {"error": f"{type(error).__name__}: {error}"}},
+                    extra=_data(error=f"{type(error).__name__}: {error}"),
                 )
+
+
+@dataclass
+class InFlight:
+    """A served batch whose sends the broker has not acknowledged yet (so not committed)."""
+
+    batch: list[Any]
+    futures: list[Any]
+    predicted: list[Any]
+    dead: list[tuple[Any, str, str]]
 
 
 @dataclass
@@ -343,6 +353,7 @@ class StreamServer:
         self._stop = threading.Event()
         self.consumer: Any = None
         self.producer: Any = None
+        self._in_flight: InFlight | None = None
 
     def stop(self) -> None:
         """Finish the batch in hand, commit it and leave; safe from a signal handler."""
@@ -359,16 +370,14 @@ class StreamServer:
         self.stats.versions.append(predictor.identity.version)
         log.info(
             "serving",
-            extra={
-                "data": {
-                    "model": predictor.identity.name,
-                    "version": predictor.identity.version,
-                    "backend": predictor.backend,
-                    "topic": self.cfg.input_topic,
-                    "group": self.cfg.group_id,
-                    "following": self.models.follow,
-                }
-            },
+            extra=_data(
+                model=predictor.identity.name,
+                version=predictor.identity.version,
+                backend=predictor.backend,
+                topic=self.cfg.input_topic,
+                group=self.cfg.group_id,
+                following=self.models.follow,
+            ),
         )
         try:
             self._connect()
@@ -390,12 +399,7 @@ class StreamServer:
                     self.stats.retries += 1
                     log.warning(
                         "broker error; retrying the batch",
-                        extra={
-                            "data": {
-                                "error": f"{type(error).__name__}: {error}",
-                                "retry_in_s": backoff,
-                            }
-                        },
+                        extra=_data(error=f"{type(error).__name__}: {error}", retry_in_s=backoff),
                     )
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
@@ -424,20 +428,18 @@ class StreamServer:
                     # default 500 ms would add its wait to an idle stream's latency.
                     fetch_max_wait_ms=max(10, cfg.max_wait_ms),
                 )
-                self.consumer.subscribe([cfg.input_topic])
+                self.consumer.subscribe([cfg.input_topic], listener=_rebalance_listener(self))
                 return
             except KafkaError as error:
                 if self.stopping:
                     raise
                 log.warning(
                     "cannot reach the Kafka brokers; retrying",
-                    extra={
-                        "data": {
-                            "servers": self.kafka["bootstrap_servers"],
-                            "error": str(error),
-                            "retry_in_s": backoff,
-                        }
-                    },
+                    extra=_data(
+                        servers=self.kafka["bootstrap_servers"],
+                        error=str(error),
+                        retry_in_s=backoff,
+                    ),
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -450,18 +452,22 @@ class StreamServer:
             self.stats.versions.append(swapped.identity.version)
             log.info(
                 "swapped to the new champion",
-                extra={"data": {"version": swapped.identity.version, "backend": swapped.backend}},
+                extra=_data(version=swapped.identity.version, backend=swapped.backend),
             )
         batch = self._collect()
-        if not batch:
-            return
-        self.stats.first_event_at = self.stats.first_event_at or time.time()
+        # The previous batch's sends were in flight while this one was collected: its acks have
+        # usually arrived, so waiting for them here costs little and its commit follows.
         try:
-            self._serve(batch)
-        except DeliveryError:
-            self._rewind(batch)
+            self._acknowledge()
+            if batch:
+                self.stats.first_event_at = self.stats.first_event_at or time.time()
+                self._in_flight = self._serve(batch)
+        except Exception:
+            # Nothing unacknowledged is committed: read it all again (duplicates, never gaps).
+            pending = self._in_flight.batch if self._in_flight is not None else []
+            self._in_flight = None
+            self._rewind([*pending, *batch])
             raise
-        self._commit(batch)
 
     def _collect(self) -> list[Any]:
         """Up to max_batch messages, waiting at most max_wait_ms after the first one."""
@@ -473,7 +479,11 @@ class StreamServer:
             if deadline is not None and now >= deadline:
                 break
             timeout = 200 if deadline is None else max(1, int((deadline - now) * 1000))
-            polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
+            try:
+                polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
+            except Exception:
+                self._rewind(batch)
+                raise
             for messages in polled.values():
                 batch.extend(messages)
             if batch and deadline is None:
@@ -485,7 +495,8 @@ class StreamServer:
         assigned = consumer.assignment()
         return [m for m in batch if _partition(m) in assigned]
 
-    def _serve(self, batch: Sequence[Any]) -> None:
+    def _serve(self, batch: Sequence[Any]) -> InFlight:
+        """Predict a batch and send its predictions and dead letters, without waiting for acks."""
         predictor = self.models.current
         assert predictor is not None
         received = time.time()
@@ -526,46 +537,56 @@ class StreamServer:
             )
             log.warning(
                 "dead letter",
-                extra={
-                    "data": {
-                        "reason": reason,
-                        "error": error,
-                        "topic": message.topic,
-                        "partition": message.partition,
-                        "offset": message.offset,
-                    }
-                },
+                extra=_data(
+                    reason=reason,
+                    error=error,
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                ),
             )
+        return InFlight(list(batch), futures, predicted, dead)
+
+    def _acknowledge(self) -> None:
+        """Wait for the in-flight batch's sends; once all are acknowledged, commit its offsets."""
+        flight = self._in_flight
+        if flight is None:
+            return
         self.producer.flush()
-        failed = [f.exception for f in futures if not f.is_done or f.failed()]
+        failed = [f.exception for f in flight.futures if not f.is_done or f.failed()]
         if failed:
-            raise DeliveryError(f"{len(failed)} of {len(futures)} sends failed: {failed[0]}")
+            raise DeliveryError(f"{len(failed)} of {len(flight.futures)} sends failed: {failed[0]}")
+        self._in_flight = None
         acked = time.time()
-        for message in predicted:
+        for message in flight.predicted:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
-        for _, reason, _ in dead:
+        for _, reason, _ in flight.dead:
             self.metrics.dead_letters.labels(reason).inc()
-        self.metrics.events.labels("predicted").inc(len(predicted))
-        self.metrics.events.labels("dead_letter").inc(len(dead))
-        self.metrics.batch_size.observe(len(batch))
-        self.stats.events += len(batch)
-        self.stats.predicted += len(predicted)
-        self.stats.dead_letters += len(dead)
+        self.metrics.events.labels("predicted").inc(len(flight.predicted))
+        self.metrics.events.labels("dead_letter").inc(len(flight.dead))
+        self.metrics.batch_size.observe(len(flight.batch))
+        self.stats.events += len(flight.batch)
+        self.stats.predicted += len(flight.predicted)
+        self.stats.dead_letters += len(flight.dead)
         self.stats.batches += 1
+        self._commit(flight.batch)
 
     def _commit(self, batch: Sequence[Any]) -> None:
-        from kafka.errors import CommitFailedError
+        from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
+        assigned = self.consumer.assignment()
         offsets: dict[Any, Any] = {}
         for message in batch:
-            offsets[_partition(message)] = OffsetAndMetadata(message.offset + 1, "", -1)
+            if _partition(message) in assigned:  # a revoked partition's owner re-serves it
+                offsets[_partition(message)] = OffsetAndMetadata(message.offset + 1, "", -1)
         try:
             self.consumer.commit(offsets)
-        except CommitFailedError as error:
-            # The group rebalanced: the partitions' new owner re-serves this batch (same ids).
-            self.metrics.errors.labels("CommitFailedError").inc()
-            log.warning("commit refused after a rebalance", extra={"data": {"error": str(error)}})
+        except KafkaError as error:
+            # Commits are cumulative: the next one covers this batch. Until then a restart or
+            # the partition's next owner may serve it again (same ids), never skip it.
+            self.metrics.errors.labels(type(error).__name__).inc()
+            log.warning("commit failed", extra=_data(error=str(error)))
             return
         self.stats.last_commit_at = time.time()
         self._record_lag()
@@ -592,11 +613,40 @@ class StreamServer:
 
     def _close(self) -> None:
         self.models.close()
+        if self.consumer is not None and self._in_flight is not None:
+            try:
+                self._acknowledge()
+            except Exception as error:  # not committed: the group serves the batch again
+                log.warning("last batch not acknowledged", extra=_data(error=str(error)))
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
         if self.producer is not None:
             self.producer.close(timeout=10)
-        log.info("stopped", extra={"data": self.stats.to_dict()})
+        log.info("stopped", extra=_data(**self.stats.to_dict()))
+
+
+def _rebalance_listener(server: StreamServer) -> Any:
+    """Acknowledges and commits the in-flight batch before the group takes partitions away."""
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            try:
+                server._acknowledge()
+            except Exception as error:  # not committed: the partitions' next owner re-serves it
+                log.warning(
+                    "batch not acknowledged before a rebalance", extra=_data(error=str(error))
+                )
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            log.info("partitions assigned", extra=_data(partitions=sorted(map(str, assigned))))
+
+    return Listener()
+
+
+def _data(**fields: Any) -> dict[str, Any]:
+    """`extra` for a log call: fields the JSON formatter adds to the line."""
+    return {"data": fields}
 
 
 def _partition(message: Any) -> Any:
@@ -651,8 +701,9 @@ def replay(
     kafka: dict[str, Any],
     timeout_s: float = 120.0,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Send `events` to the input topic and collect their predictions and dead letters.
+    """Send `events` (at `rate` per second, else at once) and collect their answers.
 
     Reads the output and dead-letter topics from their current end, so a running consumer's
     answers to these events are what it sees; returns counts, accuracy against `truth` when the
@@ -669,7 +720,10 @@ def replay(
         for partition in partitions:  # fix the end before sending
             reader.position(partition)
         wanted = {str(e["id"]) for e in events}
-        for event in events:
+        start = time.monotonic()
+        for i, event in enumerate(events):
+            if rate:
+                time.sleep(max(0.0, start + i / rate - time.monotonic()))
             value = {**event, "ts": int(time.time() * 1000)}
             producer.send(
                 cfg.input_topic, key=str(event["id"]).encode(), value=json.dumps(value).encode()
