@@ -2,7 +2,9 @@
 # The main job end to end on the embedded local defaults: set-up; the demo dataset as a DVC
 # data version, validated and pushed to the default local remote; then the Prefect flow
 # `retrain_and_evaluate` (validate -> train -> evaluate -> ONNX/INT8 export -> register in the
-# local MLflow registry -> gate -> promote), and predictions on the test split by the champion.
+# local MLflow registry -> gate -> promote), predictions on the test split by the champion, and
+# live predictions: the local broker, the Kafka consumer following the champion, and the test
+# split sent through it as events.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bash "$root/infra/local/setup.sh"
@@ -20,6 +22,22 @@ mmops models
 # The one prediction path, with whichever version is champion now.
 mmops predict --model "models:/$model@champion" --data "$data_dir" --split test \
     --out reports/predict/test.jsonl
+
+# Live: broker + MLflow server on loopback, the consumer in the background, the events through it.
+mmops up
+mkdir -p .mmops/logs
+mmops serve > .mmops/logs/serve.log 2>&1 &
+serve_pid=$!
+stop_stack() {
+  kill -TERM "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null || true
+  mmops down
+}
+trap stop_stack EXIT
+mmops stream-demo --data "$data_dir" --split test
+stop_stack
+trap - EXIT
+
 echo "test predictions:  $root/reports/predict/test.jsonl"
+echo "consumer log:      $root/.mmops/logs/serve.log (one JSON object per line)"
 echo "flow runs:         the Prefect artifact 'retrain-summary' (prefect server start to browse)"
-echo "MLflow runs:       mlflow ui --backend-store-uri sqlite:///$root/mlflow.db"
+echo "MLflow runs:       mmops up, then http://127.0.0.1:5000 (mmops down stops it)"

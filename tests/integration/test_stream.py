@@ -130,10 +130,19 @@ def topics(bootstrap: str, registered: Registered) -> Topics:
 def serving(topics: Topics, bootstrap: str) -> Iterator[Callable[..., StreamServer]]:
     """Start in-process consumers following the champion; all are stopped after the test."""
     started: list[tuple[StreamServer, threading.Thread]] = []
+    crashed: list[BaseException] = []
 
     def start(params: Params | None = None) -> StreamServer:
         server = StreamServer(params or topics.params, kafka={"bootstrap_servers": bootstrap})
-        thread = threading.Thread(target=server.run, daemon=True)
+
+        def run() -> None:
+            try:
+                server.run()
+            except BaseException as error:
+                crashed.append(error)
+                raise
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         started.append((server, thread))
         return server
@@ -143,6 +152,7 @@ def serving(topics: Topics, bootstrap: str) -> Iterator[Callable[..., StreamServ
         server.stop()
         thread.join(timeout=30)
         assert not thread.is_alive()
+    assert not crashed, crashed
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[bytes]) -> None:
