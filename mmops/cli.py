@@ -574,10 +574,16 @@ def stream_demo(
             f"v{result['model']['version']}  {latency:>5} ms{mark}"
         )
 
-    typer.echo(f"sending {len(events)} {split} events to {params.stream.input_topic}")
+    from kafka.errors import KafkaError
+
     try:
-        summary = replay(events, params.stream, kafka_settings(), timeout, None if quiet else show)
-    except (RuntimeError, ValueError) as exc:
+        kafka = kafka_settings()
+        typer.echo(
+            f"sending {len(events)} {split} events to {params.stream.input_topic} on "
+            f"{','.join(kafka['bootstrap_servers'])}"
+        )
+        summary = replay(events, params.stream, kafka, timeout, None if quiet else show)
+    except (KafkaError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         typer.echo("hint: `mmops up` starts the broker, `mmops serve` the consumer", err=True)
         raise typer.Exit(1) from None

@@ -163,6 +163,22 @@ def produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[b
     producer.close()
 
 
+def paced_sender(
+    bootstrap: str, topic: str, events: list[dict[str, Any]], interval: float
+) -> threading.Thread:
+    """A thread (not started) that sends `events` one every `interval` seconds."""
+
+    def send() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for event in events:
+            producer.send(topic, encode(event))
+            time.sleep(interval)
+        producer.flush()
+        producer.close()
+
+    return threading.Thread(target=send)
+
+
 def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode()
 
@@ -333,15 +349,7 @@ def test_champion_swap_mid_stream_serves_each_event_once(
     events = registered.events[:240]
     server = serving()
 
-    def send() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap)
-        for event in events:
-            producer.send(topics.input, encode(event))
-            time.sleep(0.02)
-        producer.flush()
-        producer.close()
-
-    sender = threading.Thread(target=send)
+    sender = paced_sender(bootstrap, topics.input, events, 0.02)
     sender.start()
     read_topic(bootstrap, topics.output, lambda m: len(m) >= 40, settle=0)
     registry.promote(MODEL, "2", "swap test")
@@ -403,15 +411,7 @@ def test_kill_9_at_random_points_loses_no_event(
     rng = random.Random(7)
     log = tmp_path / "serve.log"
 
-    def send() -> None:
-        producer = KafkaProducer(bootstrap_servers=bootstrap)
-        for event in events:
-            producer.send(topics.input, encode(event))
-            time.sleep(0.05)
-        producer.flush()
-        producer.close()
-
-    sender = threading.Thread(target=send)
+    sender = paced_sender(bootstrap, topics.input, events, 0.05)
     process = serve_process(topics, bootstrap, registered, log)
     sender.start()
     kills = 0
