@@ -366,6 +366,26 @@ def test_champion_swap_mid_stream_serves_each_event_once(
     assert server.metrics.registry.get_sample_value("mmops_stream_model_swaps_total") == 1
 
 
+def test_consumers_in_one_group_share_the_partitions(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    first, second = serving(), serving()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        s.consumer is not None and len(s.consumer.assignment()) == 1 for s in (first, second)
+    ):
+        time.sleep(0.2)
+    events = registered.events[:200]
+    keys = [e["id"].encode() for e in events]  # spread over both partitions
+    produce(bootstrap, topics.input, [encode(e) for e in events], keys)
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}))
+
+    assert sorted(ids_of(out)) == sorted(e["id"] for e in events)
+    assert first.stats.events > 0 and second.stats.events > 0  # each served its partition
+    assert first.stats.events + second.stats.events == len(events)
+
+
 def test_broker_pause_loses_nothing(
     broker: subprocess.Popen,
     registered: Registered,
