@@ -639,7 +639,10 @@ def _rebalance_listener(server: StreamServer) -> Any:
                 )
 
         def on_partitions_assigned(self, assigned: Any) -> None:
-            log.info("partitions assigned", extra=_data(partitions=sorted(map(str, assigned))))
+            log.info(
+                "partitions assigned",
+                extra=_data(partitions=sorted(f"{p.topic}[{p.partition}]" for p in assigned)),
+            )
 
     return Listener()
 

@@ -33,6 +33,12 @@ stop_stack() {
   mmops down
 }
 trap stop_stack EXIT
+# Events sent before the consumer has joined its group would wait for it: let it join first.
+for _ in $(seq 240); do
+  grep -q '"partitions assigned"' .mmops/logs/serve.log && break
+  kill -0 "$serve_pid" 2>/dev/null || { cat .mmops/logs/serve.log; exit 1; }
+  sleep 0.5
+done
 mmops stream-demo --data "$data_dir" --split test
 stop_stack
 trap - EXIT
