@@ -547,6 +547,9 @@ def stream_demo(
     data: Annotated[Path, typer.Option("--data", help="dataset directory to send")],
     split: Annotated[str, typer.Option(help="which split to send")] = "test",
     limit: Annotated[int | None, typer.Option(help="send at most this many events")] = None,
+    rate: Annotated[
+        float, typer.Option(help="events per second, like a live source (0: all at once)")
+    ] = 50.0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every answer")] = 120.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no line per prediction")] = False,
     params_file: ParamsOption = None,
@@ -580,9 +583,11 @@ def stream_demo(
         kafka = kafka_settings()
         typer.echo(
             f"sending {len(events)} {split} events to {params.stream.input_topic} on "
-            f"{','.join(kafka['bootstrap_servers'])}"
+            f"{','.join(kafka['bootstrap_servers'])}" + (f" at {rate:g}/s" if rate else "")
         )
-        summary = replay(events, params.stream, kafka, timeout, None if quiet else show)
+        summary = replay(
+            events, params.stream, kafka, timeout, None if quiet else show, rate=rate or None
+        )
     except (KafkaError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         typer.echo("hint: `mmops up` starts the broker, `mmops serve` the consumer", err=True)
