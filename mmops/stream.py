@@ -309,7 +309,7 @@ class ModelSource:
 
 @dataclass
 class InFlight:
-    """A served batch whose sends the broker has not acknowledged yet (so not committed)."""
+    """A served batch's sends: its offsets are committed once the broker acknowledges them all."""
 
     batch: list[Any]
     futures: list[Any]
@@ -353,7 +353,6 @@ class StreamServer:
         self._stop = threading.Event()
         self.consumer: Any = None
         self.producer: Any = None
-        self._in_flight: InFlight | None = None
 
     def stop(self) -> None:
         """Finish the batch in hand, commit it and leave; safe from a signal handler."""
@@ -428,7 +427,7 @@ class StreamServer:
                     # default 500 ms would add its wait to an idle stream's latency.
                     fetch_max_wait_ms=max(10, cfg.max_wait_ms),
                 )
-                self.consumer.subscribe([cfg.input_topic], listener=_rebalance_listener(self))
+                self.consumer.subscribe([cfg.input_topic])
                 return
             except KafkaError as error:
                 if self.stopping:
@@ -455,18 +454,18 @@ class StreamServer:
                 extra=_data(version=swapped.identity.version, backend=swapped.backend),
             )
         batch = self._collect()
-        # The previous batch's sends were in flight while this one was collected: its acks have
-        # usually arrived, so waiting for them here costs little and its commit follows.
+        if not batch:
+            return
+        self.stats.first_event_at = self.stats.first_event_at or time.time()
         try:
-            self._acknowledge()
-            if batch:
-                self.stats.first_event_at = self.stats.first_event_at or time.time()
-                self._in_flight = self._serve(batch)
+            flight = self._serve(batch)
+            # Waiting for the acks here, rather than while the next batch is collected and
+            # predicted, measured faster on few cores: the client's network thread then does not
+            # compete with the model's threads (bench/stream_throughput.py).
+            self._acknowledge(flight)
         except Exception:
             # Nothing unacknowledged is committed: read it all again (duplicates, never gaps).
-            pending = self._in_flight.batch if self._in_flight is not None else []
-            self._in_flight = None
-            self._rewind([*pending, *batch])
+            self._rewind(batch)
             raise
 
     def _collect(self) -> list[Any]:
@@ -496,7 +495,7 @@ class StreamServer:
         return [m for m in batch if _partition(m) in assigned]
 
     def _serve(self, batch: Sequence[Any]) -> InFlight:
-        """Predict a batch and send its predictions and dead letters, without waiting for acks."""
+        """Predict a batch and send its predictions and dead letters (acks come later)."""
         predictor = self.models.current
         assert predictor is not None
         received = time.time()
@@ -547,16 +546,12 @@ class StreamServer:
             )
         return InFlight(list(batch), futures, predicted, dead)
 
-    def _acknowledge(self) -> None:
-        """Wait for the in-flight batch's sends; once all are acknowledged, commit its offsets."""
-        flight = self._in_flight
-        if flight is None:
-            return
+    def _acknowledge(self, flight: InFlight) -> None:
+        """Wait for a batch's sends; once all are acknowledged, commit its offsets."""
         self.producer.flush()
         failed = [f.exception for f in flight.futures if not f.is_done or f.failed()]
         if failed:
             raise DeliveryError(f"{len(failed)} of {len(flight.futures)} sends failed: {failed[0]}")
-        self._in_flight = None
         acked = time.time()
         for message in flight.predicted:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
@@ -613,38 +608,11 @@ class StreamServer:
 
     def _close(self) -> None:
         self.models.close()
-        if self.consumer is not None and self._in_flight is not None:
-            try:
-                self._acknowledge()
-            except Exception as error:  # not committed: the group serves the batch again
-                log.warning("last batch not acknowledged", extra=_data(error=str(error)))
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
         if self.producer is not None:
             self.producer.close(timeout=10)
         log.info("stopped", extra=_data(**self.stats.to_dict()))
-
-
-def _rebalance_listener(server: StreamServer) -> Any:
-    """Acknowledges and commits the in-flight batch before the group takes partitions away."""
-    from kafka import ConsumerRebalanceListener
-
-    class Listener(ConsumerRebalanceListener):
-        def on_partitions_revoked(self, revoked: Any) -> None:
-            try:
-                server._acknowledge()
-            except Exception as error:  # not committed: the partitions' next owner re-serves it
-                log.warning(
-                    "batch not acknowledged before a rebalance", extra=_data(error=str(error))
-                )
-
-        def on_partitions_assigned(self, assigned: Any) -> None:
-            log.info(
-                "partitions assigned",
-                extra=_data(partitions=sorted(f"{p.topic}[{p.partition}]" for p in assigned)),
-            )
-
-    return Listener()
 
 
 def _data(**fields: Any) -> dict[str, Any]:
