@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -142,7 +143,9 @@ def stream_throughput(
     params: Params, model: str, kafka: dict[str, Any], count: int, round_: int
 ) -> float:
     """Events/s of a fresh consumer draining the topic, from its first batch to its last commit."""
-    params = with_overrides(params, f"stream.group_id={params.stream.group_id}-{round_}")
+    params = replace(
+        params, stream=replace(params.stream, group_id=f"{params.stream.group_id}-{round_}")
+    )
     server = StreamServer(params, model, kafka)
     stats = server.run(max_events=count)
     if stats.events < count or stats.first_event_at is None or stats.last_commit_at is None:
@@ -154,7 +157,8 @@ def stream_latency(
     params: Params, model: str, kafka: dict[str, Any], events: list[dict], rate: float, args: Any
 ) -> dict[str, dict[str, float]]:
     """Send-to-prediction latency of a running consumer fed at shares of its throughput."""
-    params = with_overrides(params, "stream.auto_offset_reset=latest", "stream.group_id=latency")
+    stream = replace(params.stream, auto_offset_reset="latest", group_id="latency")
+    params = replace(params, stream=stream)
     server = StreamServer(params, model, kafka)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -173,15 +177,6 @@ def stream_latency(
     server.stop()
     thread.join(timeout=60)
     return figures
-
-
-def with_overrides(params: Params, *overrides: str) -> Params:
-    from mmops.config import apply_override, from_mapping, to_dict
-
-    raw = to_dict(params)
-    for item in overrides:
-        apply_override(raw, item)
-    return from_mapping(Params, raw, "")
 
 
 def naive_throughput(

@@ -123,13 +123,13 @@ def up(
     """Start the broker (with `topics`) and an MLflow server, unless they already run."""
     services = []
     port = loopback_port(bootstrap)
+    log = state_dir / "logs" / "broker.log"
     pid = _running(state_dir, "broker")
     if pid is None:
-        log = state_dir / "logs" / "broker.log"
         process = start_broker(port, log, detach=True)
         _write_pid(state_dir, "broker", process.pid)
         pid = process.pid
-    services.append(Service("broker", pid, f"{LOOPBACK}:{port}", state_dir / "logs/broker.log"))
+    services.append(Service("broker", pid, f"{LOOPBACK}:{port}", log))
     create_topics(f"{LOOPBACK}:{port}", topics, partitions)
     if with_mlflow:
         services.append(_up_mlflow(tracking_uri, mlflow_port, state_dir))

@@ -10,6 +10,7 @@ uncommitted batch of each partition.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -331,7 +332,7 @@ class ServeStats:
     last_commit_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return dataclasses.asdict(self)
 
 
 class StreamServer:
@@ -742,8 +743,8 @@ def _replay_result(message: Any, cfg: StreamConfig) -> dict[str, Any] | None:
         headers = {k: v.decode(errors="replace") for k, v in message.headers or []}
         return {
             "id": str(value["id"]),
-            "error": headers.get("mmops.error.message", "?"),
-            "reason": headers.get("mmops.error.reason", "?"),
+            "error": headers.get(DEAD_LETTER_HEADER + "error.message", "?"),
+            "reason": headers.get(DEAD_LETTER_HEADER + "error.reason", "?"),
             "sent_ts": value.get("ts"),
         }
     value["arrived_ms"] = message.timestamp
