@@ -1,0 +1,3 @@
+-- One PostgreSQL, two databases: the MLflow tracking store and registry, and Prefect's.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;
