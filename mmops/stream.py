@@ -47,6 +47,8 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GS
 PREDICTION_FIELDS = ("id", "label", "scores", "model", "latency_ms", "ts")
 CONSUMED_FIELDS = ("id", "text", "image")
 DEAD_LETTER_HEADER = "mmops."
+# Key, headers and record framing on top of an event's value.
+EVENT_OVERHEAD_BYTES = 64 * 1024
 
 
 class EventError(ValueError):
@@ -415,7 +417,12 @@ class StreamServer:
         backoff = 1.0
         while True:
             try:
-                self.producer = self.producer or KafkaProducer(**self.kafka, linger_ms=5)
+                # A dead letter carries its event's bytes, up to max_event_bytes: larger than
+                # the clients' 1 MiB default, which would refuse it and stall the partition.
+                room = max(1 << 20, cfg.max_event_bytes + EVENT_OVERHEAD_BYTES)
+                self.producer = self.producer or KafkaProducer(
+                    **self.kafka, linger_ms=5, max_request_size=room
+                )
                 self.consumer = KafkaConsumer(
                     **self.kafka,
                     group_id=cfg.group_id,
@@ -427,6 +434,7 @@ class StreamServer:
                     # The broker answers a fetch when data arrives or after this long; the
                     # default 500 ms would add its wait to an idle stream's latency.
                     fetch_max_wait_ms=max(10, cfg.max_wait_ms),
+                    max_partition_fetch_bytes=room,
                 )
                 self.consumer.subscribe([cfg.input_topic])
                 return

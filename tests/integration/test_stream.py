@@ -336,6 +336,29 @@ def test_poison_events_go_to_the_dlq_and_the_stream_goes_on(
     assert metrics.get_sample_value("mmops_stream_dead_letters_total", {"reason": "not_json"}) == 2
 
 
+def test_events_over_the_clients_default_size_are_served(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    """Events up to stream.max_event_bytes (16 MB), past kafka-python's 1 MiB defaults."""
+    big_image = {**registered.events[0], "id": "big-image", "image": b64(png((900, 900), True))}
+    values = [b"\x00not json" * 200_000, encode(big_image), encode(registered.events[1])]
+    assert all(len(v) > 1 << 20 for v in values[:2])
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 << 20)
+    for key, value in zip([b"a", b"b", b"c"], values, strict=True):
+        producer.send(topics.input, key=key, value=value)
+    producer.flush()
+    producer.close()
+    serving()
+
+    out = read_topic(bootstrap, topics.output, covers({"big-image", registered.events[1]["id"]}))
+    dead = read_topic(bootstrap, topics.dead, lambda m: len(m) >= 1)
+
+    assert sorted(ids_of(out)) == sorted(["big-image", registered.events[1]["id"]])
+    [letter] = dead
+    assert letter.value == values[0]
+    assert dict(letter.headers)["mmops.error.reason"] == b"not_json"
+
+
 def _offsets(bootstrap: str, topic: str) -> dict[bytes, set[tuple[int, int]]]:
     found: dict[bytes, set[tuple[int, int]]] = {}
     for message in read_topic(bootstrap, topic, lambda m: False, timeout=2, settle=0):
