@@ -23,6 +23,11 @@ VARIABLES: dict[str, str] = {
     "KAFKA_SSL_KEYFILE": "client key, for mutual TLS",
     "KAFKA_SSL_PASSWORD": "password of the client key (a secret)",
     "MMOPS_USER": "who promotes or rolls back, recorded on the model version; default: OS user",
+    "MMOPS_GIT_COMMIT": (
+        "the commit recorded with a model when the code runs outside a git checkout (set by the "
+        "images' GIT_COMMIT build argument)"
+    ),
+    "MMOPS_DEBUG": "1: commands show the full traceback of an error, like `mmops -v`",
     "MMOPS_LOCK_DIR": "folder of the host-wide registry lock files; default: the temp folder",
     "WORLD_SIZE": "set by torchrun: processes in the training job",
     "RANK": "set by torchrun: this process's rank",

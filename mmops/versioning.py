@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ def data_version(path: Path | str) -> DataVersion:
         nfiles=meta.nfiles if meta.isdir else 1,
         size=meta.size or 0,
         dvc_md5=recorded_md5(path),
-        git_commit=_git(path.parent, "rev-parse", "HEAD"),
+        # Outside a git checkout (a container image), the commit the image was built from.
+        git_commit=_git(path.parent, "rev-parse", "HEAD") or os.environ.get("MMOPS_GIT_COMMIT"),
         git_dirty=_git_dirty(path.parent),
     )
 
