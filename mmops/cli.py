@@ -5,15 +5,106 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from mmops.config import ConfigError, Params, resolve_params
 
+DATASET_HINT = (
+    "a dataset is a directory with one manifest (manifest.jsonl, .csv or .parquet) and the "
+    "images it names; `mmops demo-data DIR` writes one"
+)
+MODEL_HINT = (
+    "a model is a folder, runs:/<run_id>/model, models:/<name>/<version> or "
+    "models:/<name>@<alias>; `mmops models` lists the registered versions and aliases"
+)
+BROKER_HINT = (
+    "`mmops up` starts a local broker; otherwise point KAFKA_BOOTSTRAP_SERVERS at a running one"
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: shown as an `error:` and a `hint:` line, without a traceback."""
+
+    def __init__(self, message: str, hint: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.hint, self.code = hint, code
+
+
+def _raised(exc: BaseException, *classes: str) -> bool:
+    """Whether `exc` is an instance of one of `classes`, given as dotted names."""
+    for dotted in classes:
+        module, _, name = dotted.rpartition(".")
+        # A class of a module never imported cannot have been raised, and importing mlflow or
+        # pandas just to check would add seconds to every error.
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
+    """The user's mistake behind `exc`, given the command's parameters; None for a bug."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return UserError(
+            str(exc), "params.yaml lists every key with its default; --set takes section.key=value"
+        )
+    if _raised(exc, "mmops.dataset.DatasetError"):
+        return UserError(str(exc), DATASET_HINT)
+    if _raised(exc, "mmops.registry.RegistryError"):
+        return UserError(
+            str(exc), "`mmops models` lists the registered versions; `mmops retrain` adds one"
+        )
+    if _raised(exc, "mmops.stack.BrokerUnavailable", "kafka.errors.KafkaError"):
+        return UserError(str(exc), BROKER_HINT, code=1)
+    if _raised(exc, "mmops.stack.StackError"):
+        return UserError(str(exc), "`mmops down` stops what did start; logs are in .mmops/logs", 1)
+    if isinstance(exc, FileExistsError):
+        return UserError(str(exc), "give a new or empty directory")
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        return UserError(message, f"check the path; relative paths start at {Path.cwd()}")
+    # No such model, version, run or alias, or a malformed models:/ URI.
+    missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    if (
+        _raised(exc, "mlflow.exceptions.MlflowException")
+        and getattr(exc, "error_code", "") in missing
+    ):
+        message = str(exc).strip().splitlines()[0]
+        ref = params.get("model")
+        return UserError(f"model {ref}: {message}" if ref else message, MODEL_HINT)
+    return None
+
+
+class ReportingCommand(TyperCommand):
+    """A command whose user mistakes print as one `error:` line and one `hint:` line.
+
+    `mmops -v` or MMOPS_DEBUG=1 raises them instead, with the traceback.
+    """
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            error = explain(exc, ctx.params)
+            debug = os.environ.get("MMOPS_DEBUG", "") not in ("", "0")
+            if error is None or debug or ctx.find_root().params.get("verbose"):
+                raise
+            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"hint: {error.hint}", err=True)
+            raise typer.Exit(error.code) from None
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+command = partial(app.command, cls=ReportingCommand)
 
 ParamsOption = Annotated[
     Path | None,
@@ -30,7 +121,11 @@ MetricsOption = Annotated[
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logging; errors with their traceback")
+    ] = False,
+) -> None:
     """mmops: versioned, validated multimodal data to tracked models and streaming predictions."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -48,14 +143,22 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _params(path: Path | None, overrides: list[str] | None) -> Params:
+    return resolve_params(path, overrides or [])
+
+
+def _kafka(quiet: bool = False) -> dict[str, Any]:
+    from mmops.stream import kafka_settings
+
+    if quiet and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # kafka-python logs each failed bootstrap try; the error line says it once, with a hint.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
-        return resolve_params(path, overrides or [])
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        return kafka_settings()
+    except ValueError as exc:
+        raise UserError(str(exc), "see the KAFKA_* variables in README.md") from None
 
 
-@app.command("demo-data")
+@command("demo-data")
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the dataset to")],
     n: Annotated[int | None, typer.Option(help="examples (default: demo_data.n)")] = None,
@@ -70,11 +173,7 @@ def demo_data(
     cfg = _params(params_file, overrides).demo_data
     n, seed = n if n is not None else cfg.n, seed if seed is not None else cfg.seed
     start = time.perf_counter()
-    try:
-        manifest = make_demo_data(out_dir, n=n, seed=seed, image_size=cfg.image_size)
-    except FileExistsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    manifest = make_demo_data(out_dir, n=n, seed=seed, image_size=cfg.image_size)
     seconds = round(time.perf_counter() - start, 2)
     typer.echo(f"wrote {n} examples to {manifest} in {seconds}s")
     if as_json:
@@ -83,7 +182,7 @@ def demo_data(
         )
 
 
-@app.command()
+@command()
 def validate(
     data_dir: Annotated[Path, typer.Argument(help="dataset directory")],
     params_file: ParamsOption = None,
@@ -119,7 +218,7 @@ def validate(
     raise typer.Exit(0 if report.success else 1)
 
 
-@app.command("data-version")
+@command("data-version")
 def data_version_cmd(
     data_dir: Annotated[Path, typer.Argument(help="dataset directory")],
     as_json: JsonOption = False,
@@ -127,11 +226,7 @@ def data_version_cmd(
     """Print the DVC content hash and git commit of a dataset."""
     from mmops.versioning import data_version
 
-    try:
-        version = data_version(data_dir)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    version = data_version(data_dir)
     state = "matches DVC's record" if version.tracked else f"DVC records {version.dvc_md5}"
     typer.echo(
         f"{data_dir}: md5 {version.md5} ({version.nfiles} files), {state}, "
@@ -141,7 +236,7 @@ def data_version_cmd(
         typer.echo(json.dumps(version.to_dict()))
 
 
-@app.command()
+@command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="dataset directory")],
     params_file: ParamsOption = None,
@@ -160,6 +255,13 @@ def train(
 
     params = _params(params_file, overrides)
     out_dir = out or Path(params.train.out_dir)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under torchrun the other processes train their shards; rank 0 alone clears the
+        # folder, tracks the run in MLflow, saves and logs the model and reports.
+        from mmops.train import train as train_shard
+
+        train_shard(data, params, out_dir, resume=resume, progress=False)
+        return
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)  # a stale checkpoint must not leak into a fresh run
     run = tracked_train(data, params, out_dir, resume=resume)
@@ -183,7 +285,7 @@ def train(
         typer.echo(json.dumps(summary))
 
 
-@app.command()
+@command()
 def evaluate(
     data: Annotated[Path, typer.Option("--data", help="dataset directory")],
     model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
@@ -214,7 +316,7 @@ def evaluate(
         typer.echo(json.dumps({"run_id": run_id, **flat}))
 
 
-@app.command()
+@command()
 def export(
     data: Annotated[Path, typer.Option("--data", help="dataset directory (its test split)")],
     model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
@@ -255,7 +357,7 @@ def export(
         )
 
 
-@app.command()
+@command()
 def predict(
     model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
     out: Annotated[Path, typer.Option("--out", help="JSONL file to write predictions to")],
@@ -281,8 +383,10 @@ def predict(
 
     params = _params(params_file, overrides)
     if (records is None) == (data is None):
-        typer.echo("error: give exactly one of --input and --data", err=True)
-        raise typer.Exit(2)
+        raise UserError(
+            "give exactly one of --input and --data",
+            "--input FILE.jsonl predicts records; --data DIR [--split S] predicts a dataset",
+        )
     predictor = Predictor.load(model, backend or params.predict.backend, params.predict)
     if data is not None:
         from mmops.train import load_splits
@@ -294,8 +398,14 @@ def predict(
         summary = predict_to_file(predictor, rows, out, root=data)
     else:
         assert records is not None
-        # Image paths in a records file are relative to the file.
-        summary = predict_to_file(predictor, read_records(records), out, root=records.parent)
+        try:
+            # Image paths in a records file are relative to the file.
+            summary = predict_to_file(predictor, read_records(records), out, root=records.parent)
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{records}: not text ({exc.reason} at byte {exc.start})",
+                "--input takes JSONL: one JSON object per line, UTF-8",
+            ) from None
     typer.echo(
         f"predicted {summary['records']} records ({summary['errors']} errors) with "
         f"{summary['model']} v{summary['version']} on {summary['backend']}: {out}"
@@ -304,7 +414,7 @@ def predict(
         typer.echo(json.dumps(summary))
 
 
-@app.command()
+@command()
 def retrain(
     data: Annotated[Path | None, typer.Option("--data", help="dataset (default: data.dir)")] = None,
     params_file: ParamsOption = None,
@@ -348,7 +458,7 @@ def retrain(
         typer.echo(json.dumps(result))
 
 
-@app.command()
+@command()
 def promote(
     version: Annotated[str, typer.Argument(help="model version to make champion")],
     reason: Annotated[str, typer.Option("--reason", help="why, recorded on the version")],
@@ -356,38 +466,28 @@ def promote(
     overrides: SetOption = None,
 ) -> None:
     """Move the champion alias to VERSION by hand (no gate), recording who, when and why."""
-    from mmops.registry import RegistryError
     from mmops.registry import promote as promote_version
 
     name = _params(params_file, overrides).tracking.registered_model
-    try:
-        promote_version(name, version, reason)
-    except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    promote_version(name, version, reason)
     typer.echo(f"{name}: champion is v{version}")
 
 
-@app.command()
+@command()
 def rollback(
     reason: Annotated[str, typer.Option("--reason", help="why")] = "rollback",
     params_file: ParamsOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Move the champion alias back to the previous champion."""
-    from mmops.registry import RegistryError
     from mmops.registry import rollback as rollback_champion
 
     name = _params(params_file, overrides).tracking.registered_model
-    try:
-        version = rollback_champion(name, reason)
-    except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    version = rollback_champion(name, reason)
     typer.echo(f"{name}: champion is back to v{version}")
 
 
-@app.command()
+@command()
 def models(
     params_file: ParamsOption = None, overrides: SetOption = None, as_json: JsonOption = False
 ) -> None:
@@ -396,6 +496,10 @@ def models(
 
     name = _params(params_file, overrides).tracking.registered_model
     versions = list_versions(name)
+    if not versions:
+        from mmops.tracking import tracking_uri
+
+        typer.echo(f"{name}: no registered versions in {tracking_uri()} (`mmops retrain` adds one)")
     for v in versions:
         tags = v["tags"]
         typer.echo(
@@ -408,7 +512,7 @@ def models(
         typer.echo(json.dumps({"model": name, "versions": versions}))
 
 
-@app.command()
+@command()
 def schedule(
     data: Annotated[Path | None, typer.Option("--data", help="dataset (default: data.dir)")] = None,
     params_file: ParamsOption = None,
@@ -434,7 +538,7 @@ def schedule(
     )
 
 
-@app.command()
+@command()
 def serve(
     model: Annotated[
         str | None,
@@ -463,20 +567,15 @@ def serve(
     """
     import signal
 
-    from mmops.stream import JsonLogFormatter, StreamServer, kafka_settings
+    from mmops.stream import JsonLogFormatter, StreamServer
 
     params = _params(params_file, overrides)
     if log_format not in ("json", "text"):
-        typer.echo("error: --log-format must be json or text", err=True)
-        raise typer.Exit(2)
+        raise UserError(f"--log-format {log_format!r}", "--log-format takes json or text")
+    kafka = _kafka()
     if log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
-    try:
-        kafka = kafka_settings()
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     server = StreamServer(params, model, kafka)
     port = params.stream.metrics_port if metrics_port is None else metrics_port
     if port:
@@ -490,15 +589,17 @@ def serve(
 
         if not isinstance(exc, MlflowException | FileNotFoundError):
             raise
-        typer.echo(f"error: cannot load {server.models.model_ref}: {exc}", err=True)
-        typer.echo("hint: run `mmops retrain` to register and promote a champion", err=True)
-        raise typer.Exit(1) from None
+        raise UserError(
+            f"cannot load {server.models.model_ref}: {str(exc).strip().splitlines()[0]}",
+            "`mmops retrain` registers and promotes a champion; --model pins another model",
+            1,
+        ) from None
     finally:
         server.metrics.close()
     typer.echo(json.dumps(stats.to_dict()))
 
 
-@app.command()
+@command()
 def up(
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
     with_mlflow: Annotated[
@@ -508,23 +609,19 @@ def up(
     overrides: SetOption = None,
 ) -> None:
     """Start the local stack on loopback: Kafka-compatible broker with the topics, MLflow server."""
-    from mmops.stack import DEFAULT_BOOTSTRAP, StackError
+    from mmops.stack import DEFAULT_BOOTSTRAP
     from mmops.stack import up as start
     from mmops.tracking import tracking_uri
 
     cfg = _params(params_file, overrides).stream
-    try:
-        services = start(
-            [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic],
-            cfg.partitions,
-            os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
-            tracking_uri(),
-            mlflow_port,
-            with_mlflow,
-        )
-    except StackError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    services = start(
+        [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic],
+        cfg.partitions,
+        os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
+        tracking_uri(),
+        mlflow_port,
+        with_mlflow,
+    )
     for service in services:
         typer.echo(f"{service.name:7} {service.url:24} pid {service.pid}  log {service.log}")
     typer.echo(
@@ -533,7 +630,7 @@ def up(
     )
 
 
-@app.command()
+@command()
 def down() -> None:
     """Stop the local stack that `mmops up` started (broker topics live in memory: gone)."""
     from mmops.stack import down as stop
@@ -542,7 +639,7 @@ def down() -> None:
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
-@app.command("stream-demo")
+@command("stream-demo")
 def stream_demo(
     data: Annotated[Path, typer.Option("--data", help="dataset directory to send")],
     split: Annotated[str, typer.Option(help="which split to send")] = "test",
@@ -552,12 +649,15 @@ def stream_demo(
     ] = 50.0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every answer")] = 120.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no line per prediction")] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="write the summary JSON here (for `mmops summary`)")
+    ] = None,
     params_file: ParamsOption = None,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send a dataset split as events to a running `mmops serve`; print predictions as they come."""
-    from mmops.stream import dataset_events, kafka_settings, replay
+    from mmops.stream import dataset_events, replay
     from mmops.train import load_splits
 
     params = _params(params_file, overrides)
@@ -577,29 +677,122 @@ def stream_demo(
             f"v{result['model']['version']}  {latency:>5} ms{mark}"
         )
 
-    from kafka.errors import KafkaError
-
+    kafka = _kafka(quiet=True)
+    typer.echo(
+        f"sending {len(events)} {split} events to {params.stream.input_topic} on "
+        f"{','.join(kafka['bootstrap_servers'])}" + (f" at {rate:g}/s" if rate else "")
+    )
     try:
-        kafka = kafka_settings()
-        typer.echo(
-            f"sending {len(events)} {split} events to {params.stream.input_topic} on "
-            f"{','.join(kafka['bootstrap_servers'])}" + (f" at {rate:g}/s" if rate else "")
-        )
         summary = replay(
             events, params.stream, kafka, timeout, None if quiet else show, rate=rate or None
         )
-    except (KafkaError, RuntimeError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        typer.echo("hint: `mmops up` starts the broker, `mmops serve` the consumer", err=True)
-        raise typer.Exit(1) from None
+    except RuntimeError as exc:  # a missing topic, an undelivered event
+        raise UserError(str(exc), "`mmops up` or `mmops topics` creates the topics", 1) from None
     typer.echo(
         f"{summary['predicted']}/{summary['sent']} predicted, {summary['dead_letters']} dead "
         f"letters, {summary['missing']} missing; accuracy {summary.get('accuracy', '-')}; "
         f"latency p50 {summary.get('latency_ms_p50', 0):.0f} ms, "
         f"p99 {summary.get('latency_ms_p99', 0):.0f} ms; {summary['versions']}"
     )
+    if report is not None:
+        _write_json(report, summary)
     if as_json:
         typer.echo(json.dumps(summary))
     if summary["missing"]:
-        typer.echo("error: some events got no answer; is `mmops serve` running?", err=True)
-        raise typer.Exit(1)
+        raise UserError(
+            f"{summary['missing']} of {summary['sent']} events got no answer in {timeout:g}s",
+            "is `mmops serve` running (its log says `partitions assigned`)? else raise --timeout",
+            1,
+        )
+
+
+@command()
+def topics(
+    partitions: Annotated[
+        int | None,
+        typer.Option(min=1, help="partitions of a topic created now (default: stream.partitions)"),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(min=0, help="seconds to wait for a broker that is still starting")
+    ] = 60.0,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Create the stream's input, output and dead-letter topics where missing; report them all.
+
+    The one-shot init of docker-compose and Kubernetes: brokers and credentials come from the
+    KAFKA_* variables, as for `mmops serve`. Existing topics are left as they are; new ones take
+    records as large as stream.max_event_bytes.
+    """
+    from mmops.stack import create_topics
+    from mmops.stream import topic_configs
+
+    cfg = _params(params_file, overrides).stream
+    kafka = _kafka(quiet=True)
+    servers = kafka.pop("bootstrap_servers")
+    names = [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic]
+    created = create_topics(
+        servers, names, partitions or cfg.partitions, wait, topic_configs(cfg), **kafka
+    )
+    for topic in created:
+        state = "created" if topic.created else "exists"
+        typer.echo(f"{topic.name:<24} {state:<8} {topic.partitions} partitions")
+
+
+@command()
+def summary(
+    stream_report: Annotated[
+        Path | None,
+        typer.Option(help="a `mmops stream-demo --report` file: add the events it served"),
+    ] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the champion's data and code version, test metrics, INT8 speed-up, stream results."""
+    from mmops.registry import champion_summary
+
+    stream = None
+    if stream_report is not None:
+        try:
+            stream = json.loads(stream_report.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{stream_report}: not JSON ({exc.msg})",
+                "`mmops stream-demo --report FILE` writes it",
+            ) from None
+    info = champion_summary(_params(params_file, overrides).tracking.registered_model)
+    by_size = ", ".join(f"{x:.2f}x at batch {n}" for n, x in info["int8_speedup"].items())
+    speedup = f"INT8 vs torch: {by_size}" if by_size else "INT8 vs torch: n/a"
+
+    rows = [
+        ("champion", f"{info['model']} v{info['version']}, run {info['run_id']}"),
+        ("data", f"DVC {(info['data_md5'] or '?')[:12]}, git {(info['git_commit'] or '?')[:7]}"),
+        (
+            "test",
+            f"accuracy {_fixed(info['test_accuracy'])}, macro-F1 {_fixed(info['test_macro_f1'])}",
+        ),
+        ("serving", f"{info['serving'] or '?'}; {speedup}"),
+    ]
+    if stream is not None:
+        rows.append(
+            (
+                "stream",
+                f"{stream['predicted']}/{stream['sent']} predicted, {stream['dead_letters']} dead "
+                f"letters; accuracy {_fixed(stream.get('accuracy'))}; latency p50 "
+                f"{stream.get('latency_ms_p50', 0):.0f} ms, "
+                f"p99 {stream.get('latency_ms_p99', 0):.0f} ms",
+            )
+        )
+    for key, value in rows:
+        typer.echo(f"{key:<9} {value}")
+    if as_json:
+        typer.echo(json.dumps({**info, "stream": stream}))
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    app(prog_name="mmops")

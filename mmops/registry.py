@@ -263,6 +263,47 @@ def list_versions(name: str) -> list[dict[str, Any]]:
     ]
 
 
+def champion_summary(name: str) -> dict[str, Any]:
+    """The champion's version, data and code versions, test metrics, serving backend and speed."""
+    c = client()
+    try:
+        version = c.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise RegistryError(f"{name} has no champion in {tracking_uri()}") from None
+    tags = version.tags
+    try:
+        metrics = c.get_run(version.run_id).data.metrics
+    except MlflowException:
+        metrics = {}  # a deleted run: the version's own tags still tell the rest
+    # The export stage times every backend on the same test examples, per batch size.
+    speedup = {}
+    for key, torch_ms in metrics.items():
+        if key.startswith("export.latency.torch.bs") and key.endswith(".p50_ms"):
+            size = key.removeprefix("export.latency.torch.bs").removesuffix(".p50_ms")
+            int8_ms = metrics.get(f"export.latency.int8.bs{size}.p50_ms")
+            if int8_ms:
+                speedup[int(size)] = round(torch_ms / int8_ms, 2)
+    return {
+        "model": name,
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "data_md5": tags.get("data.dvc_md5") or tags.get("data.md5"),
+        "git_commit": tags.get("git.commit"),
+        "test_accuracy": _number(tags.get("test.accuracy")),
+        "test_macro_f1": _number(tags.get("test.macro_f1")),
+        "serving": tags.get("export.serving"),
+        # p50 latency of torch / INT8 ONNX per batch size
+        "int8_speedup": dict(sorted(speedup.items())),
+    }
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def _move_champion(name: str, version: str, reason: str, action: str) -> None:
     c = client()
     previous = champion_version(name)

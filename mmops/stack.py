@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 STATE_DIR = Path(".mmops")
@@ -24,6 +26,10 @@ DEFAULT_MLFLOW_PORT = 5000
 
 class StackError(RuntimeError):
     """A local service that cannot be started, with what to do about it."""
+
+
+class BrokerUnavailable(ConnectionError):
+    """No Kafka broker answered at the bootstrap servers in time."""
 
 
 @dataclass(frozen=True)
@@ -82,19 +88,59 @@ def start_broker(port: int, log: Path, detach: bool = False) -> subprocess.Popen
     return process
 
 
-def create_topics(
-    bootstrap: str | Sequence[str], topics: Sequence[str], partitions: int
-) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+    created: bool
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="mmops-admin")
+
+def create_topics(
+    bootstrap: str | Sequence[str],
+    topics: Sequence[str],
+    partitions: int,
+    wait_s: float = 30.0,
+    configs: Mapping[str, str] | None = None,
+    **client: Any,
+) -> list[Topic]:
+    """Create the topics that do not exist yet (others are left alone) and describe them all.
+
+    `configs` are topic settings for the ones created, e.g. `max.message.bytes`.
+
+    Waits up to `wait_s` for a broker, which may still be starting when this runs as the init
+    step of docker-compose or Kubernetes. `client` takes further kafka-python settings (SASL, SSL).
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            bootstrap_timeout_ms=int(wait_s * 1000),
+            reconnect_backoff_max_ms=1000,  # a starting broker: retry every second, not every 30
+            **{"client_id": "mmops-admin", **client},
+        )
+    except KafkaTimeoutError:
+        servers = bootstrap if isinstance(bootstrap, str) else ",".join(bootstrap)
+        raise BrokerUnavailable(f"no Kafka broker answered at {servers} in {wait_s:g}s") from None
     try:
         missing = [t for t in topics if t not in set(admin.list_topics())]
         if missing:
-            admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
-        return missing
+            # Another init may create them between our listing and our request.
+            with suppress(TopicAlreadyExistsError):
+                # Replication -1 is the broker's default: 1 on a dev broker, more on a cluster.
+                admin.create_topics(
+                    {
+                        t: {
+                            "num_partitions": partitions,
+                            "replication_factor": -1,
+                            "configs": dict(configs or {}),
+                        }
+                        for t in missing
+                    }
+                )
+        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(topics))}
+        return [Topic(t, counts.get(t, 0), t in missing) for t in topics]
     finally:
         admin.close()
 

@@ -51,6 +51,16 @@ DEAD_LETTER_HEADER = "mmops."
 EVENT_OVERHEAD_BYTES = 64 * 1024
 
 
+def message_bytes(cfg: StreamConfig) -> int:
+    """The largest record the stream handles: an event of max_event_bytes with its framing."""
+    return max(1 << 20, cfg.max_event_bytes + EVENT_OVERHEAD_BYTES)
+
+
+def topic_configs(cfg: StreamConfig) -> dict[str, str]:
+    """Settings for the stream's topics: brokers default to 1 MiB records, events go larger."""
+    return {"max.message.bytes": str(message_bytes(cfg))}
+
+
 class EventError(ValueError):
     """An event that is not a prediction request; `reason` is a short code for metrics."""
 
@@ -419,7 +429,7 @@ class StreamServer:
             try:
                 # A dead letter carries its event's bytes, up to max_event_bytes: larger than
                 # the clients' 1 MiB default, which would refuse it and stall the partition.
-                room = max(1 << 20, cfg.max_event_bytes + EVENT_OVERHEAD_BYTES)
+                room = message_bytes(cfg)
                 self.producer = self.producer or KafkaProducer(
                     **self.kafka, linger_ms=5, max_request_size=room
                 )

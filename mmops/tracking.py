@@ -63,6 +63,7 @@ def tracked_train(
 
     configure(params)
     version = data_version(data_dir)
+    frame = load_splits(data_dir, params)  # a dataset that cannot load leaves no failed run
     with mlflow.start_run(run_name="train", log_system_metrics=True) as run:
         mlflow.log_params(flatten(to_dict(params)))
         mlflow.set_tags(
@@ -76,7 +77,6 @@ def tracked_train(
                 "git.dirty": str(version.git_dirty),
             }
         )
-        frame = load_splits(data_dir, params)
         dataset = mlflow.data.from_pandas(
             frame,
             source=str(Path(data_dir).resolve()),

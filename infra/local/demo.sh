@@ -39,11 +39,22 @@ for _ in $(seq 240); do
   kill -0 "$serve_pid" 2>/dev/null || { cat .mmops/logs/serve.log; exit 1; }
   sleep 0.5
 done
-mmops stream-demo --data "$data_dir" --split test
+mmops stream-demo --data "$data_dir" --split test --report .mmops/stream-demo.json
 stop_stack
 trap - EXIT
 
-echo "test predictions:  $root/reports/predict/test.jsonl"
-echo "consumer log:      $root/.mmops/logs/serve.log (one JSON object per line)"
-echo "flow runs:         the Prefect artifact 'retrain-summary' (prefect server start to browse)"
-echo "MLflow runs:       mmops up, then http://127.0.0.1:5000 (mmops down stops it)"
+echo
+mmops summary --stream-report .mmops/stream-demo.json
+echo
+echo "Where to look:"
+echo "  MLflow UI:     mmops up, then http://127.0.0.1:5000 (mmops down stops it),"
+echo "                 or: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+# Without PREFECT_API_URL each flow run starts a temporary API on Prefect's local database, which
+# `prefect server start` serves too: the UI shows the runs of this demo.
+echo "  Prefect UI:    prefect server start, then http://127.0.0.1:4200 (flow runs and the"
+echo "                 'retrain-summary' artifact; stored in ${PREFECT_HOME:-$HOME/.prefect}/prefect.db)"
+runs=("$root"/runs/*/)  # one folder per `mmops retrain`, named by UTC time: the last is ours
+echo "  evaluation:    ${runs[-1]}evaluate/ (report.md, metrics.json, plots)"
+echo "  predictions:   $root/reports/predict/test.jsonl"
+echo "  consumer log:  $root/.mmops/logs/serve.log (one JSON object per line)"
+echo "  stream report: $root/.mmops/stream-demo.json"

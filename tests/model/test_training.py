@@ -252,3 +252,45 @@ def test_distributed_training_on_two_cpu_processes(
     assert history["world_size"] == 2
     assert history["epochs_run"] == 1
     assert load_model(out / MODEL_DIR).labels == history["labels"]
+
+
+@pytest.mark.slow
+def test_torchrun_mmops_train_tracks_one_run_from_rank_zero(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The README's `torchrun ... mmops train`: every rank trains, only rank 0 talks to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mmops = str(Path(sys.executable).parent / "mmops")
+    sets = [word for key in (*tiny_overrides, "train.epochs=1") for word in ("--set", key)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+        mmops,
+        "train",
+        "--data",
+        str(demo_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        *sets,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": store}
+
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    [summary] = summaries  # one rank reports
+    runs = MlflowClient(store).search_runs(
+        [e.experiment_id for e in MlflowClient(store).search_experiments()]
+    )
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]
+    assert json.loads((tmp_path / "out" / HISTORY_FILE).read_text())["world_size"] == 2
