@@ -103,7 +103,12 @@ class ReportingCommand(TyperCommand):
             raise typer.Exit(error.code) from None
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+HELP = (
+    "mmops: multimodal (image + text) MLOps. Validate a dataset, train, evaluate, export to INT8, "
+    "register and promote in MLflow, serve predictions from Kafka. Commands read ./params.yaml "
+    "(--params FILE) and take --set section.key=value; `mmops COMMAND --help` tells more."
+)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
 command = partial(app.command, cls=ReportingCommand)
 
 ParamsOption = Annotated[

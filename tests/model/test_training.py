@@ -212,6 +212,14 @@ def test_prediction_does_not_depend_on_batch_padding(
     )
 
 
+TORCHRUN_2_CPUS = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+]
+
 DDP_SCRIPT = """
 import json
 import sys
@@ -233,11 +241,7 @@ def test_distributed_training_on_two_cpu_processes(
     out = tmp_path / "out"
     overrides = [*tiny_overrides, "train.epochs=1"]
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2_CPUS,
         str(script),
         str(demo_dir),
         str(out),
@@ -265,11 +269,7 @@ def test_torchrun_mmops_train_tracks_one_run_from_rank_zero(
     mmops = str(Path(sys.executable).parent / "mmops")
     sets = [word for key in (*tiny_overrides, "train.epochs=1") for word in ("--set", key)]
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2_CPUS,
         "--no-python",
         mmops,
         "train",
