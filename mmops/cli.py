@@ -138,8 +138,9 @@ def main(
     )
     # GX logs its own start-up at INFO; only its warnings concern a user.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    # kafka-python narrates every connection at INFO.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python narrates every connection at INFO, and httpx every call to Prefect's API.
+    for chatty in ("kafka", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _write_json(path: Path, data: dict) -> None:
