@@ -521,12 +521,20 @@ def test_up_serve_stream_demo_down(registered: Registered, demo_dir: Path, tmp_p
             stderr=subprocess.PIPE,
             text=True,
         )
+        report = tmp_path / "stream-demo.json"
         demo = mmops(
-            "stream-demo", "--data", str(demo_dir), "--limit", "30", "--timeout", "120", "--json"
+            "stream-demo",
+            *("--data", str(demo_dir), "--limit", "30", "--timeout", "120"),
+            *("--report", str(report), "--json"),
         )
         assert demo.returncode == 0, demo.stdout + demo.stderr
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
         assert summary["predicted"] == summary["sent"] == 30
+        assert json.loads(report.read_text()) == summary
+        # The main job's closing table: the champion and the events this stream served.
+        table = mmops("summary", "--stream-report", str(report))
+        assert table.returncode == 0, table.stdout + table.stderr
+        assert f"{MODEL} v1" in table.stdout and "30/30 predicted" in table.stdout
         assert summary["versions"] == {f"{MODEL} v1": 30}
         assert len(demo.stdout.strip().splitlines()) >= 32  # a line per prediction
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics") as r:
