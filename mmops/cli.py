@@ -617,6 +617,7 @@ def up(
     """Start the local stack on loopback: Kafka-compatible broker with the topics, MLflow server."""
     from mmops.stack import DEFAULT_BOOTSTRAP
     from mmops.stack import up as start
+    from mmops.stream import topic_configs
     from mmops.tracking import tracking_uri
 
     cfg = _params(params_file, overrides).stream
@@ -627,6 +628,7 @@ def up(
         tracking_uri(),
         mlflow_port,
         with_mlflow,
+        configs=topic_configs(cfg),
     )
     for service in services:
         typer.echo(f"{service.name:7} {service.url:24} pid {service.pid}  log {service.log}")

@@ -165,8 +165,10 @@ def up(
     mlflow_port: int = DEFAULT_MLFLOW_PORT,
     with_mlflow: bool = True,
     state_dir: Path = STATE_DIR,
+    configs: Mapping[str, str] | None = None,
 ) -> list[Service]:
-    """Start the broker (with `topics`) and an MLflow server, unless they already run."""
+    """Start the broker (with `topics`, created with `configs`) and an MLflow server, unless
+    they already run."""
     services = []
     port = loopback_port(bootstrap)
     log = state_dir / "logs" / "broker.log"
@@ -176,7 +178,7 @@ def up(
         _write_pid(state_dir, "broker", process.pid)
         pid = process.pid
     services.append(Service("broker", pid, f"{LOOPBACK}:{port}", log))
-    create_topics(f"{LOOPBACK}:{port}", topics, partitions)
+    create_topics(f"{LOOPBACK}:{port}", topics, partitions, configs=configs)
     if with_mlflow:
         services.append(_up_mlflow(tracking_uri, mlflow_port, state_dir))
     return services

@@ -446,7 +446,7 @@ class StreamServer:
                     fetch_max_wait_ms=max(10, cfg.max_wait_ms),
                     max_partition_fetch_bytes=room,
                 )
-                self.consumer.subscribe([cfg.input_topic])
+                self.consumer.subscribe([cfg.input_topic], listener=_rebalance_log())
                 return
             except KafkaError as error:
                 if self.stopping:
@@ -632,6 +632,22 @@ class StreamServer:
         if self.producer is not None:
             self.producer.close(timeout=10)
         log.info("stopped", extra=_data(**self.stats.to_dict()))
+
+
+def _rebalance_log() -> Any:
+    """Logs the group's moves: `partitions assigned` tells that this consumer now serves."""
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        # Nothing is in flight while the consumer polls (each batch is acknowledged and
+        # committed before the next poll), so a rebalance has nothing to hand over.
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            log.info("partitions revoked", extra=_data(partitions=sorted(map(str, revoked))))
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            log.info("partitions assigned", extra=_data(partitions=sorted(map(str, assigned))))
+
+    return Listener()
 
 
 def _data(**fields: Any) -> dict[str, Any]:

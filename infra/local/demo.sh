@@ -39,6 +39,8 @@ for _ in $(seq 240); do
   kill -0 "$serve_pid" 2>/dev/null || { cat .mmops/logs/serve.log; exit 1; }
   sleep 0.5
 done
+grep -q '"partitions assigned"' .mmops/logs/serve.log || {
+  cat .mmops/logs/serve.log; echo "mmops serve did not join its consumer group in 120 s" >&2; exit 1; }
 mmops stream-demo --data "$data_dir" --split test --report .mmops/stream-demo.json
 stop_stack
 trap - EXIT

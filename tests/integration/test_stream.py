@@ -544,6 +544,8 @@ def test_up_serve_stream_demo_down(registered: Registered, demo_dir: Path, tmp_p
         stdout, stderr = server.communicate(timeout=60)
         assert server.returncode == 0, stderr[-2000:]
         assert json.loads(stdout.strip().splitlines()[-1])["predicted"] == 30
+        # What infra/local/demo.sh waits for before it sends events.
+        assert '"msg": "partitions assigned"' in stderr
     finally:
         stopped = mmops("down")
     assert "broker" in stopped.stdout and "mlflow" in stopped.stdout
