@@ -99,6 +99,18 @@ class VisionConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     intermediate_size: int = 256
+    # How pixels become patch tokens: `conv`, a stack of 3x3 stride-2 convolutions (one per
+    # halving of the patch size), or `patch`, the plain ViT linear patch projection.
+    stem: str = "conv"
+
+    def __post_init__(self) -> None:
+        if self.stem not in ("conv", "patch"):
+            raise ConfigError(f"model.vision.stem: {self.stem!r} is not one of ('conv', 'patch')")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(
+                "model.vision.patch_size: the conv stem needs a power of two >= 2, "
+                f"got {self.patch_size}"
+            )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from mmops.config import ExportConfig, Params
 from mmops.model import META_FILE, LoadedModel, MultimodalClassifier
+from mmops.onnx_attention import fused_attention, translation_table
 from mmops.predict import (
     EXPORT_FILE,
     ONNX_FILES,
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("probs", "image_embeds", "text_embeds")
 # Files of the torch model folder that travel with the export (training state does not).
 _MODEL_FILES = ("model.safetensors", META_FILE, "tokenizer", "mlflow_run.json")
+# Train rows whose activation ranges calibrate the statically quantized convolutions.
+CALIBRATION_ROWS = 256
 
 
 class ServingModel(nn.Module):
@@ -85,8 +89,8 @@ def export_model(
     targets = torch.cat([b["labels"] for b in batches]).numpy()
 
     fp32_path, int8_path = out / ONNX_FILES["fp32"], out / ONNX_FILES["int8"]
-    export_onnx(loaded, batches[0], fp32_path)
-    quantize_int8(fp32_path, int8_path)
+    attention = export_onnx(loaded, batches[0], fp32_path)
+    quantize_int8(fp32_path, int8_path, calibration_batches(frame, data_dir, params, reference))
 
     runners = {
         "torch": reference.runner,
@@ -105,6 +109,7 @@ def export_model(
     repeats = cfg.latency_repeats
     report = {
         "serving": serving,
+        "attention": attention,
         "gates": gates,
         "accuracy": {name: _accuracy(o, targets) for name, o in outputs.items()},
         "size_bytes": {
@@ -126,8 +131,18 @@ def export_model(
     return report
 
 
-def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> Path:
-    """The model as ONNX with a dynamic batch size and text length."""
+def calibration_batches(
+    frame: Any, data_dir: Path | str, params: Params, predictor: Predictor
+) -> list[dict[str, torch.Tensor]]:
+    """The first rows of the train split, batched as served: what static INT8 calibrates on."""
+    train = frame[frame["split"] == "train"].head(CALIBRATION_ROWS)
+    labels = {label: i for i, label in enumerate(predictor.labels)}
+    dataset = MultimodalDataset(data_dir, train, labels, predictor.image_size)
+    return list(DataLoader(dataset, batch_size=32, collate_fn=predictor.collate))
+
+
+def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> str:
+    """The model as ONNX with a dynamic batch size and text length; says how attention went."""
     model = ServingModel(loaded.model.eval())
     args = tuple(batch[name] for name in MODEL_INPUTS)
     dynamic = torch.export.Dim.DYNAMIC
@@ -138,6 +153,23 @@ def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path)
         "image_present": {0: dynamic},
         "text_present": {0: dynamic},
     }
+    try:
+        # One fused MultiHeadAttention node per attention block instead of a dozen plain ops.
+        with fused_attention(loaded.model):
+            program = _export(model, args, dynamic_shapes, translation_table())
+        attention = "fused"
+    except Exception as error:  # an encoder whose attention cannot be routed (a custom model)
+        log.warning("fused attention did not export (%s); exporting plain attention", error)
+        program = _export_eager(loaded, model, args, dynamic_shapes)
+        attention = "plain"
+    program.save(str(path))
+    _strip_metadata(path)
+    return attention
+
+
+def _export_eager(
+    loaded: LoadedModel, model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: Any
+) -> Any:
     # Eager attention exports as plain MatMul/Softmax; the SDPA path decomposes into extra
     # masking ops (Where, IsNaN) that cost ONNX Runtime about a tenth of its time. Same weights.
     encoders = [loaded.model.vision.config, loaded.model.text.config]
@@ -145,16 +177,18 @@ def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path)
     for config in encoders:
         config._attn_implementation = "eager"
     try:
-        program = _export(model, args, dynamic_shapes)
+        return _export(model, args, dynamic_shapes)
     finally:
         for config, previous in zip(encoders, attention, strict=True):
             config._attn_implementation = previous
-    program.save(str(path))
-    _strip_metadata(path)
-    return path
 
 
-def _export(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: Any) -> Any:
+def _export(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    dynamic_shapes: Any,
+    translations: dict[Any, Any] | None = None,
+) -> Any:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter chatter about ops it decomposes
         return torch.onnx.export(
@@ -164,31 +198,66 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: An
             input_names=list(MODEL_INPUTS),
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translations,
             verbose=False,
         )
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
-    """Dynamic INT8 quantization of the weights (activations quantized on the fly)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration: Sequence[dict[str, torch.Tensor]] = ()
+) -> Path:
+    """INT8: MatMul and embedding weights dynamically; convolutions statically, when given
+    calibration batches (activation ranges measured on them)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # ONNX Runtime's graph optimisation folds slices of weights (attention in-projections)
-        # into initializers the quantizer can see. Symbolic shape inference cannot follow the
-        # exporter's dynamic text length, and dynamic quantization does not need it.
+        # and batch norms into initializers the quantizer can see. Symbolic shape inference
+        # cannot follow the exporter's dynamic text length, and quantization does not need it.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         _gemm_to_matmul(prepared)
-        # Weights of MatMul and of embedding lookups (Gather), not Conv: on CPUs without VNNI,
-        # ConvInteger for the small patch embedding is slower than the FP32 convolution.
+        static = bool(calibration) and _has_op(prepared, "Conv")
+        dynamic = Path(tmp) / "dynamic.onnx" if static else int8_path
         quantize_dynamic(
             prepared,
-            int8_path,
+            dynamic,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gather"],
         )
+        if static:
+            # Dynamic quantization would make convolutions ConvInteger, which has no fast CPU
+            # kernel (slower than FP32); calibrated QDQ convolutions run as QLinearConv, fused
+            # with their ReLU.
+            quantize_static(
+                dynamic,
+                int8_path,
+                _Calibration(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "Relu"],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
     return int8_path
+
+
+class _Calibration:
+    """Feeds batches to ONNX Runtime's calibrator (a `CalibrationDataReader`)."""
+
+    def __init__(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {name: batch[name].numpy() for name in MODEL_INPUTS}
+
+
+def _has_op(path: Path, op_type: str) -> bool:
+    import onnx
+
+    return any(node.op_type == op_type for node in onnx.load(str(path)).graph.node)
 
 
 def _strip_metadata(path: Path) -> None:

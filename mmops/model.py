@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmops.config import ModelConfig
+from mmops.config import ModelConfig, VisionConfig
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mmops_model.json"
@@ -149,6 +149,7 @@ def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.
             ),
             add_pooling_layer=False,
         )
+        _set_stem(vision, v)
     if config.text_pretrained:
         text = AutoModel.from_pretrained(config.text_pretrained)
     else:
@@ -166,6 +167,47 @@ def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.
             add_pooling_layer=False,
         )
     return _vision_part(vision), _text_part(text)
+
+
+class ConvStem(nn.Module):
+    """Pixels to a grid of patch features by 3x3 stride-2 convolutions, one per halving.
+
+    Takes the place of the ViT's linear patch projection and gives the same grid: convolutions
+    see edges and corners inside a patch that a linear projection of raw pixels learns slowly
+    ("Early Convolutions Help Transformers See Better", Xiao et al., 2021).
+    """
+
+    def __init__(self, channels: int, width: int, patch_size: int) -> None:
+        super().__init__()
+        stages = int(math.log2(patch_size))
+        widths = [max(width >> (stages - 1 - i), 8) for i in range(stages)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([channels, *widths[:-1]], widths, strict=True):
+            for conv_in, stride in ((c_in, 2), (c_out, 1)):
+                layers += [
+                    nn.Conv2d(conv_in, c_out, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    # ReLU, not GELU: exported, each convolution, its batch norm and its ReLU
+                    # fuse into one quantized ONNX Runtime kernel.
+                    nn.ReLU(),
+                ]
+        layers.append(nn.Conv2d(widths[-1], width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # ViTModel reads the projection's weight for the dtype to cast pixels to.
+        return self.layers[0].weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)
+
+
+def _set_stem(vision: nn.Module, config: VisionConfig) -> None:
+    if config.stem == "conv":
+        vision.embeddings.patch_embeddings.projection = ConvStem(
+            vision.config.num_channels, vision.config.hidden_size, config.patch_size
+        )
 
 
 def _vision_part(model: nn.Module) -> nn.Module:
@@ -233,6 +275,8 @@ def load_model(model_dir: Path | str) -> LoadedModel:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: not an mmops model folder (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
+    # Models saved before the vision stem was a choice have the plain patch projection.
+    meta["model"].get("vision", {}).setdefault("stem", "patch")
     config = from_mapping(ModelConfig, meta["model"], prefix="model")
     encoders = []
     for key in ("vision_config", "text_config"):
@@ -240,6 +284,8 @@ def load_model(model_dir: Path | str) -> LoadedModel:
         encoder_config = AutoConfig.for_model(spec.pop("model_type"), **spec)
         encoders.append(AutoModel.from_config(encoder_config))
     vision, text = _vision_part(encoders[0]), _text_part(encoders[1])
+    if not config.vision_pretrained:
+        _set_stem(vision, config.vision)
     model = MultimodalClassifier(config, len(meta["labels"]), vision, text)
     load_weights(model, str(folder / WEIGHTS_FILE))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mmops.config import ConfigError, ModelConfig, load_params
 from mmops.dataset import read_manifest
 from mmops.model import (
     META_FILE,
+    ConvStem,
     ModelOutput,
     MultimodalClassifier,
     build_encoders,
@@ -115,6 +117,11 @@ def test_modality_dropout_acts_only_in_train_mode(
         evals = [model(**batch).logits for _ in range(3)]
         full, no_image, no_text = (model(**b).logits for b in (batch, hide_image, hide_text))
         model.train()
+        # Batch norm (the conv stem) normalises by batch statistics in train mode; keep its
+        # running statistics so that modality dropout is the only difference from eval mode.
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
         torch.manual_seed(0)
         trained = model(**batch).logits
 
@@ -183,6 +190,53 @@ def test_save_load_round_trip(
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+def test_vision_stem_gives_the_patch_grid_and_round_trips(
+    tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path, stem: str
+) -> None:
+    config = tiny_config(tiny_overrides, f"model.vision.stem={stem}")
+    model = build(config, vocab_size=len(tokenizer))
+    batch = make_batch(config, vocab_size=len(tokenizer))
+    grid = (config.image_size // config.vision.patch_size) ** 2
+    projection = model.vision.embeddings.patch_embeddings.projection
+
+    tokens = model.vision(pixel_values=batch["pixel_values"]).last_hidden_state
+    save_model(model, tokenizer, LABELS, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+
+    assert tokens.shape == (BATCH, grid + 1, config.vision.hidden_size)
+    assert isinstance(projection, ConvStem) == (stem == "conv")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
+
+
+def test_model_saved_before_the_stem_option_loads_with_linear_patches(
+    tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_overrides, "model.vision.stem=patch")
+    model = build(config, vocab_size=len(tokenizer))
+    folder = save_model(model, tokenizer, LABELS, tmp_path / "model")
+    meta = json.loads((folder / META_FILE).read_text())
+    del meta["model"]["vision"]["stem"]
+    (folder / META_FILE).write_text(json.dumps(meta))
+
+    loaded = load_model(folder)
+
+    assert loaded.model.config.vision.stem == "patch"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.vision.stem=resnet", r"model\.vision\.stem"),
+        ("model.vision.patch_size=6", "patch_size"),
+    ],
+)
+def test_bad_vision_stem_settings_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_params(None, [override])
 
 
 def test_load_model_without_meta_names_the_file(tmp_path: Path) -> None:

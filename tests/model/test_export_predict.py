@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,26 @@ def test_export_writes_both_models_and_the_verdict(exported: tuple[dict[str, Any
     # FP32 ONNX is the same computation as torch, to float rounding.
     assert gates["fp32"]["passed"], gates["fp32"]["reasons"]
     assert gates["fp32"]["max_score_diff"] < 1e-4
+
+
+def test_export_fuses_attention_and_quantizes_convolutions_statically(
+    exported: tuple[dict[str, Any], Path],
+) -> None:
+    import onnx
+
+    report, out = exported
+    fp32 = Counter(n.op_type for n in onnx.load(str(out / ONNX_FILES["fp32"])).graph.node)
+    int8 = Counter(n.op_type for n in onnx.load(str(out / ONNX_FILES["int8"])).graph.node)
+
+    assert report["attention"] == "fused"
+    # Vision and text layers plus the fusion decoder's self and cross attention, one node each;
+    # the one Softmax left is the class probabilities'.
+    assert fp32["MultiHeadAttention"] == 1 + 1 + 2, fp32
+    assert fp32["Softmax"] == 1
+    # Convolutions calibrated (QDQ, run as QLinearConv), never the slow ConvInteger.
+    assert int8["QuantizeLinear"] > 0 and int8["DequantizeLinear"] > 0
+    assert "ConvInteger" not in int8
+    assert int8["MatMulInteger"] > 0  # weights quantized, activations on the fly
 
 
 def test_predictor_equals_the_evaluation_stage(
