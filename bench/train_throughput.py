@@ -42,7 +42,8 @@ def model_config(size: str) -> ModelConfig:
     return ModelConfig(
         fusion="late",
         image_size=s["image"],
-        vision=VisionConfig(s["patch"], s["width"], s["layers"], s["heads"], s["ff"]),
+        # The reference's ViT has linear patch embeddings: the same here, not the conv stem.
+        vision=VisionConfig(s["patch"], s["width"], s["layers"], s["heads"], s["ff"], stem="patch"),
         text=TextConfig(s["width"], s["layers"], s["heads"], s["ff"]),
         max_text_length=64,
         hidden_dim=512 if size == "b32" else 256,
