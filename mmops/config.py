@@ -99,8 +99,8 @@ class VisionConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     intermediate_size: int = 256
-    # How pixels become patch tokens: `conv`, a stack of 3x3 stride-2 convolutions (one per
-    # halving of the patch size), or `patch`, the plain ViT linear patch projection.
+    # How pixels become patch tokens: `conv`, 3x3 convolutions (two per halving of the patch
+    # size, mmops.model.ConvStem), or `patch`, the plain ViT linear patch projection.
     stem: str = "conv"
 
     def __post_init__(self) -> None:

@@ -90,7 +90,14 @@ def export_model(
 
     fp32_path, int8_path = out / ONNX_FILES["fp32"], out / ONNX_FILES["int8"]
     attention = export_onnx(loaded, batches[0], fp32_path)
-    quantize_int8(fp32_path, int8_path, calibration_batches(frame, data_dir, params, reference))
+    # Static INT8 calibrates on the first train rows, batched as served.
+    train = frame[frame["split"] == "train"].head(CALIBRATION_ROWS)
+    calibration = MultimodalDataset(data_dir, train, label_index, config.image_size)
+    quantize_int8(
+        fp32_path,
+        int8_path,
+        list(DataLoader(calibration, batch_size=params.predict.batch_size, collate_fn=collate)),
+    )
 
     runners = {
         "torch": reference.runner,
@@ -129,16 +136,6 @@ def export_model(
     report["size_ratio_int8_vs_fp32"] = report["size_bytes"]["int8"] / report["size_bytes"]["fp32"]
     (out / EXPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def calibration_batches(
-    frame: Any, data_dir: Path | str, params: Params, predictor: Predictor
-) -> list[dict[str, torch.Tensor]]:
-    """The first rows of the train split, batched as served: what static INT8 calibrates on."""
-    train = frame[frame["split"] == "train"].head(CALIBRATION_ROWS)
-    labels = {label: i for i, label in enumerate(predictor.labels)}
-    dataset = MultimodalDataset(data_dir, train, labels, predictor.image_size)
-    return list(DataLoader(dataset, batch_size=32, collate_fn=predictor.collate))
 
 
 def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> str:

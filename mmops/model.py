@@ -170,7 +170,8 @@ def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.
 
 
 class ConvStem(nn.Module):
-    """Pixels to a grid of patch features by 3x3 stride-2 convolutions, one per halving.
+    """Pixels to a grid of patch features: per halving of the patch size, a 3x3 stride-2 and
+    a 3x3 stride-1 convolution (each with batch norm and ReLU), then a 1x1 to the ViT's width.
 
     Takes the place of the ViT's linear patch projection and gives the same grid: convolutions
     see edges and corners inside a patch that a linear projection of raw pixels learns slowly

@@ -78,12 +78,11 @@ def _attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: Any, heads: int, scale: float
 ) -> torch.Tensor:
     """(batch, seq, hidden) q, k, v through the op; `bias` is additive, None, or a keep-mask."""
-    batch, length, keys = query.shape[0], query.shape[1], key.shape[1]
-    if bias is None:
-        return custom_op()(query, key, value, None, heads, float(scale))
-    if bias.dtype == torch.bool:
-        bias = query.new_zeros(bias.shape).masked_fill(~bias, torch.finfo(query.dtype).min)
-    bias = bias.to(query.dtype).expand(batch, 1, length, keys)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            bias = query.new_zeros(bias.shape).masked_fill(~bias, torch.finfo(query.dtype).min)
+        # ONNX Runtime's MultiHeadAttention wants the bias as (batch, 1, queries, keys).
+        bias = bias.to(query.dtype).expand(query.shape[0], 1, query.shape[1], key.shape[1])
     return custom_op()(query, key, value, bias, heads, float(scale))
 
 
