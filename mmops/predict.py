@@ -183,10 +183,11 @@ class Predictor:
             except RecordError as error:
                 results.append({"id": record_id, "error": str(error), "reason": error.reason})
         outputs = self.run(examples)
-        for slot, probs in zip(slots, outputs.probs, strict=True):
+        best = outputs.probs.argmax(axis=1).tolist() if len(examples) else []
+        for slot, index, probs in zip(slots, best, outputs.probs.tolist(), strict=True):
             results[slot].update(
-                label=self.labels[int(probs.argmax())],
-                scores={label: float(p) for label, p in zip(self.labels, probs, strict=True)},
+                label=self.labels[index],
+                scores=dict(zip(self.labels, probs, strict=True)),
             )
         for result in results:
             result.update(model=self.identity.name, version=self.identity.version)

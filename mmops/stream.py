@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from mmops.config import Params, PredictConfig, StreamConfig
 from mmops.predict import Predictor
@@ -119,8 +120,8 @@ def decode_event(value: bytes | None, max_bytes: int) -> dict[str, Any]:
             f"value: not UTF-8 ({error.reason} at byte {error.start})", "not_utf8"
         ) from None
     try:
-        event = json.loads(text)
-    except json.JSONDecodeError as error:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
         raise EventError(f"value: not JSON ({error.msg} at char {error.pos})", "not_json") from None
     if not isinstance(event, dict):
         raise EventError(f"value: expected a JSON object, got {type(event).__name__}", "not_object")
@@ -541,7 +542,7 @@ class StreamServer:
                 self.producer.send(
                     self.cfg.output_topic,
                     key=value["id"].encode(),
-                    value=json.dumps(value, default=str).encode(),
+                    value=orjson.dumps(value, default=str),
                 )
             )
         for message, reason, error in dead:
