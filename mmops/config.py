@@ -250,6 +250,9 @@ class StreamConfig:
     # A micro-batch closes at max_batch events or max_wait_ms after its first event.
     max_batch: int = 64
     max_wait_ms: int = 50
+    # Batches predicted at once, at most one per partition; each gets cores/workers ONNX Runtime
+    # threads unless predict.threads says otherwise.
+    workers: int = 2
     max_event_bytes: int = 16_000_000  # an event's raw value; base64 images are ~4/3 their bytes
     model_poll_s: float = 10.0  # how often to look for a new champion
     # How long the group waits for a dead consumer before giving its partitions to another.
@@ -258,8 +261,10 @@ class StreamConfig:
     metrics_port: int = 9108  # Prometheus /metrics; 0 disables
 
     def __post_init__(self) -> None:
-        if min(self.partitions, self.max_batch, self.max_event_bytes) < 1:
-            raise ConfigError("stream: partitions, max_batch and max_event_bytes must be >= 1")
+        if min(self.partitions, self.max_batch, self.workers, self.max_event_bytes) < 1:
+            raise ConfigError(
+                "stream: partitions, max_batch, workers and max_event_bytes must be >= 1"
+            )
         if self.max_wait_ms < 0 or self.model_poll_s <= 0:
             raise ConfigError("stream: max_wait_ms must be >= 0 and model_poll_s > 0")
         if self.auto_offset_reset not in ("earliest", "latest"):

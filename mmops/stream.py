@@ -16,7 +16,10 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,6 +280,12 @@ class ModelSource:
             self._thread.start()
         return self.current
 
+    @property
+    def ready(self) -> bool:
+        """A new version is loaded and waits for `swap`."""
+        with self._lock:
+            return self._pending is not None
+
     def swap(self) -> Predictor | None:
         """The newly loaded champion, once, if there is one; it becomes `current`."""
         with self._lock:
@@ -322,13 +331,20 @@ class ModelSource:
 
 
 @dataclass
-class InFlight:
-    """A served batch's sends: its offsets are committed once the broker acknowledges them all."""
+class Served:
+    """A predicted batch's output: (message, key, value) predictions and (message, reason,
+    error) dead letters."""
+
+    predictions: list[tuple[Any, bytes, bytes]]
+    dead: list[tuple[Any, str, str]]
+
+
+@dataclass
+class Flight:
+    """A micro-batch on its way: predicted on a worker thread, then sent and committed in turn."""
 
     batch: list[Any]
-    futures: list[Any]
-    predicted: list[Any]
-    dead: list[tuple[Any, str, str]]
+    job: Future[Served]
 
 
 @dataclass
@@ -348,8 +364,28 @@ class ServeStats:
         return dataclasses.asdict(self)
 
 
+def serving_threads(predict: PredictConfig, workers: int) -> PredictConfig:
+    """The predictor settings for `workers` batches predicted at once: the cores shared out.
+
+    ONNX Runtime splits each operator evenly over its threads, so two batches on one session
+    of all the cores stall each other; each on its share of the cores keeps every core busy,
+    one batch's model run beside the next one's image decoding (bench/stream_throughput.py).
+    """
+    if predict.threads:
+        return predict
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dataclasses.replace(predict, threads=max(1, (cores or 1) // workers))
+
+
 class StreamServer:
-    """A consumer-group member serving predictions; `run` until `stop` (or `max_events`)."""
+    """A consumer-group member serving predictions; `run` until `stop` (or `max_events`).
+
+    A micro-batch closes at `max_batch` messages or `max_wait_ms` after its first. Up to
+    `workers` batches are predicted at once, on worker threads; their predictions and dead
+    letters are then sent in order, one batch at a time, and a batch's offsets are committed
+    once the broker has acknowledged all it sent, before the next batch is sent. So at most one
+    batch is sent and not committed: a crash repeats at most that batch.
+    """
 
     def __init__(
         self,
@@ -360,16 +396,24 @@ class StreamServer:
     ) -> None:
         self.cfg: StreamConfig = params.stream
         ref = model_ref or f"models:/{params.tracking.registered_model}@champion"
-        self.models = ModelSource(ref, params.predict, self.cfg.model_poll_s)
+        predict = serving_threads(params.predict, self.cfg.workers)
+        self.models = ModelSource(ref, predict, self.cfg.model_poll_s)
         self.kafka = kafka if kafka is not None else kafka_settings()
         self.metrics = metrics or StreamMetrics()
         self.stats = ServeStats()
         self._stop = threading.Event()
         self.consumer: Any = None
         self.producer: Any = None
+        self._workers: ThreadPoolExecutor | None = None
+        # Owned by the thread in `run`: the batch being collected (and when its first message
+        # came) and the batches being predicted, oldest first; none of them sent yet.
+        self._open: list[Any] = []
+        self._opened_at = 0.0
+        self._flights: deque[Flight] = deque()
+        self._revoked = threading.Event()  # set by the group's listener, on the client's thread
 
     def stop(self) -> None:
-        """Finish the batch in hand, commit it and leave; safe from a signal handler."""
+        """Finish the batches in hand, commit them and leave; safe from a signal handler."""
         self._stop.set()
 
     @property
@@ -390,8 +434,11 @@ class StreamServer:
                 topic=self.cfg.input_topic,
                 group=self.cfg.group_id,
                 following=self.models.follow,
+                workers=self.cfg.workers,
+                threads=self.models.config.threads,
             ),
         )
+        self._workers = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="mmops-predict")
         try:
             self._connect()
             backoff = 0.5
@@ -399,15 +446,15 @@ class StreamServer:
                 if max_events is not None and self.stats.events >= max_events:
                     break
                 try:
-                    self._step()
+                    self._step(max_events)
                     backoff = 0.5
                 except Exception as error:
                     from kafka.errors import KafkaError
 
                     if not isinstance(error, KafkaError | DeliveryError):
                         raise
-                    # The broker is away or refused the batch: nothing was committed, so the
-                    # batch is read again once it is back.
+                    # The broker is away or refused a batch: nothing unacknowledged was
+                    # committed, so it is all read again once the broker is back.
                     self.metrics.errors.labels(type(error).__name__).inc()
                     self.stats.retries += 1
                     log.warning(
@@ -416,7 +463,9 @@ class StreamServer:
                     )
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
+            self._finish()
         finally:
+            self._workers.shutdown(cancel_futures=True)
             self._close()
         return self.stats
 
@@ -447,7 +496,8 @@ class StreamServer:
                     fetch_max_wait_ms=max(10, cfg.max_wait_ms),
                     max_partition_fetch_bytes=room,
                 )
-                self.consumer.subscribe([cfg.input_topic], listener=_rebalance_log())
+                listener = _rebalance_log(self._revoked)
+                self.consumer.subscribe([cfg.input_topic], listener=listener)
                 return
             except KafkaError as error:
                 if self.stopping:
@@ -463,61 +513,82 @@ class StreamServer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _step(self) -> None:
-        swapped = self.models.swap()
-        if swapped is not None:
-            self.metrics.set_model(swapped)
-            self.metrics.swaps.inc()
-            self.stats.versions.append(swapped.identity.version)
-            log.info(
-                "swapped to the new champion",
-                extra=_data(version=swapped.identity.version, backend=swapped.backend),
-            )
-        batch = self._collect()
-        if not batch:
-            return
-        self.stats.first_event_at = self.stats.first_event_at or time.time()
+    def _step(self, max_events: int | None = None) -> None:
+        if not self._flights:
+            self._swap()  # between batches: each event is served by exactly one version
         try:
-            flight = self._serve(batch)
-            # Waiting for the acks here, rather than while the next batch is collected and
-            # predicted, measured faster on few cores: the client's network thread then does not
-            # compete with the model's threads (bench/stream_throughput.py).
-            self._acknowledge(flight)
+            # A closed batch goes to a free worker before anything is sent: the workers stay busy
+            # while the main thread sends, waits for acks and commits.
+            self._dispatch()
+            self._deliver()
+            if max_events is not None and self.stats.events >= max_events:
+                return
+            self._dispatch()
+            if len(self._open) >= self.cfg.max_batch:
+                # The next batch is ready and every worker busy (or a new champion waits).
+                jobs = [flight.job for flight in self._flights]
+                futures.wait(jobs, timeout=0.2, return_when=futures.FIRST_COMPLETED)
+                return
+            self._collect()
+            self._dispatch()
         except Exception:
             # Nothing unacknowledged is committed: read it all again (duplicates, never gaps).
-            self._rewind(batch)
+            self._abandon()
             raise
 
-    def _collect(self) -> list[Any]:
-        """Up to max_batch messages, waiting at most max_wait_ms after the first one."""
-        cfg, consumer = self.cfg, self.consumer
-        batch: list[Any] = []
-        deadline: float | None = None
-        while len(batch) < cfg.max_batch and not self.stopping:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            timeout = 200 if deadline is None else max(1, int((deadline - now) * 1000))
-            try:
-                polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
-            except Exception:
-                self._rewind(batch)
-                raise
-            for messages in polled.values():
-                batch.extend(messages)
-            if batch and deadline is None:
-                deadline = now + cfg.max_wait_ms / 1000
-            if not batch:
-                self._record_lag()
-                return batch
-        # A rebalance inside poll may have taken partitions away: their new owner reads them.
-        assigned = consumer.assignment()
-        return [m for m in batch if _partition(m) in assigned]
+    def _swap(self) -> None:
+        swapped = self.models.swap()
+        if swapped is None:
+            return
+        self.metrics.set_model(swapped)
+        self.metrics.swaps.inc()
+        self.stats.versions.append(swapped.identity.version)
+        log.info(
+            "swapped to the new champion",
+            extra=_data(version=swapped.identity.version, backend=swapped.backend),
+        )
 
-    def _serve(self, batch: Sequence[Any]) -> InFlight:
-        """Predict a batch and send its predictions and dead letters (acks come later)."""
+    def _collect(self) -> None:
+        """Poll into the open batch: up to max_batch messages, max_wait_ms after its first."""
+        cfg, consumer = self.cfg, self.consumer
+        timeout = 200
+        if self._open:
+            closes = self._opened_at + cfg.max_wait_ms / 1000
+            timeout = max(1, int((closes - time.monotonic()) * 1000)) if not self._flights else 5
+        elif self._flights:
+            timeout = 5  # come back soon: a batch in flight may be predicted
+        polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(self._open))
+        if self._revoked.is_set():
+            # A rebalance inside the poll: the client reads every partition it still has again
+            # from its committed offset, so what was polled before would be served twice.
+            self._revoked.clear()
+            self._forget()
+        for messages in polled.values():
+            if messages and not self._open:
+                self._opened_at = time.monotonic()
+            self._open.extend(messages)
+        if not polled and not self._open and not self._flights:
+            self._record_lag()
+
+    def _dispatch(self) -> None:
+        """Hand the open batch to a worker once it has closed and a worker is free."""
+        cfg = self.cfg
+        if not self._open or self.stopping or self.models.ready:
+            return  # a new champion waits for the batches in flight, then serves this one
+        if len(self._open) < cfg.max_batch and time.monotonic() < self._opened_at + (
+            cfg.max_wait_ms / 1000
+        ):
+            return
+        if sum(not flight.job.done() for flight in self._flights) >= cfg.workers:
+            return
+        batch, self._open = self._open, []
         predictor = self.models.current
-        assert predictor is not None
+        assert predictor is not None and self._workers is not None
+        self.stats.first_event_at = self.stats.first_event_at or time.time()
+        self._flights.append(Flight(batch, self._workers.submit(self._predict, predictor, batch)))
+
+    def _predict(self, predictor: Predictor, batch: Sequence[Any]) -> Served:
+        """A batch's output messages, on a worker thread (it never touches the clients)."""
         received = time.time()
         events: list[tuple[Any, dict[str, Any]]] = []
         dead: list[tuple[Any, str, str]] = []
@@ -530,23 +601,29 @@ class StreamServer:
         results = predictor.predict_batch([event for _, event in events])
         self.metrics.model_latency.observe(time.perf_counter() - start)
         now = time.time()
-        futures = []
-        predicted = []
+        predictions = []
         for (message, event), result in zip(events, results, strict=True):
             if "error" in result:
                 dead.append((message, result.get("reason", "invalid_record"), result["error"]))
                 continue
             value = prediction_value(event, result, received, now)
-            predicted.append(message)
-            futures.append(
-                self.producer.send(
-                    self.cfg.output_topic,
-                    key=value["id"].encode(),
-                    value=orjson.dumps(value, default=str),
-                )
-            )
-        for message, reason, error in dead:
-            futures.append(
+            predictions.append((message, value["id"].encode(), orjson.dumps(value, default=str)))
+        return Served(predictions, dead)
+
+    def _deliver(self) -> None:
+        """Send the predicted batches, oldest first, each acknowledged and committed in turn."""
+        while self._flights and self._flights[0].job.done():
+            self._send(self._flights[0].batch, self._flights[0].job.result())
+            self._flights.popleft()
+
+    def _send(self, batch: Sequence[Any], served: Served) -> None:
+        """Send a batch's predictions and dead letters; once all are acknowledged, commit it."""
+        sends = [
+            self.producer.send(self.cfg.output_topic, key=key, value=value)
+            for _, key, value in served.predictions
+        ]
+        for message, reason, error in served.dead:
+            sends.append(
                 self.producer.send(
                     self.cfg.dead_letter_topic,
                     key=message.key if message.key is not None or message.value else b"",
@@ -564,27 +641,23 @@ class StreamServer:
                     offset=message.offset,
                 ),
             )
-        return InFlight(list(batch), futures, predicted, dead)
-
-    def _acknowledge(self, flight: InFlight) -> None:
-        """Wait for a batch's sends; once all are acknowledged, commit its offsets."""
         self.producer.flush()
-        failed = [f.exception for f in flight.futures if not f.is_done or f.failed()]
+        failed = [f.exception for f in sends if not f.is_done or f.failed()]
         if failed:
-            raise DeliveryError(f"{len(failed)} of {len(flight.futures)} sends failed: {failed[0]}")
+            raise DeliveryError(f"{len(failed)} of {len(sends)} sends failed: {failed[0]}")
         acked = time.time()
-        for message in flight.predicted:
+        for message, _, _ in served.predictions:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
-        for _, reason, _ in flight.dead:
+        for _, reason, _ in served.dead:
             self.metrics.dead_letters.labels(reason).inc()
-        self.metrics.events.labels("predicted").inc(len(flight.predicted))
-        self.metrics.events.labels("dead_letter").inc(len(flight.dead))
-        self.metrics.batch_size.observe(len(flight.batch))
-        self.stats.events += len(flight.batch)
-        self.stats.predicted += len(flight.predicted)
-        self.stats.dead_letters += len(flight.dead)
+        self.metrics.events.labels("predicted").inc(len(served.predictions))
+        self.metrics.events.labels("dead_letter").inc(len(served.dead))
+        self.metrics.batch_size.observe(len(batch))
+        self.stats.events += len(batch)
+        self.stats.predicted += len(served.predictions)
+        self.stats.dead_letters += len(served.dead)
         self.stats.batches += 1
-        self._commit(flight.batch)
+        self._commit(batch)
 
     def _commit(self, batch: Sequence[Any]) -> None:
         from kafka.errors import KafkaError
@@ -604,16 +677,43 @@ class StreamServer:
             log.warning("commit failed", extra=_data(error=str(error)))
             return
         self.stats.last_commit_at = time.time()
-        self._record_lag()
+        if not self._flights:
+            self._record_lag()
 
-    def _rewind(self, batch: Sequence[Any]) -> None:
+    def _forget(self) -> list[Any]:
+        """Drop the batches not yet sent (their predictions are never produced); returns their
+        messages, oldest first."""
+        dropped = [m for flight in self._flights for m in flight.batch] + self._open
+        for flight in self._flights:
+            flight.job.cancel()  # one already running finishes; its result is ignored
+        self._flights.clear()
+        self._open = []
+        return dropped
+
+    def _abandon(self) -> None:
+        """After an error: rewind every partition to its first message not committed."""
         first: dict[Any, int] = {}
-        for message in batch:
+        for message in self._forget():
             first.setdefault(_partition(message), message.offset)
-        assigned = self.consumer.assignment()
-        for partition, offset in first.items():
-            if partition in assigned:
-                self.consumer.seek(partition, offset)
+        try:
+            assigned = self.consumer.assignment()
+            for partition, offset in first.items():
+                if partition in assigned:
+                    self.consumer.seek(partition, offset)
+        except Exception as error:  # the consumer itself failed: a new one starts from commits
+            log.warning("could not rewind", extra=_data(error=f"{type(error).__name__}: {error}"))
+
+    def _finish(self) -> None:
+        """On the way out: send and commit the batches being predicted (not the open one)."""
+        try:
+            for flight in self._flights:
+                futures.wait([flight.job])
+            self._deliver()
+        except Exception as error:  # not committed: served again after a restart
+            log.warning(
+                "batches in flight were not committed",
+                extra=_data(error=f"{type(error).__name__}: {error}"),
+            )
 
     def _record_lag(self) -> None:
         for partition in self.consumer.assignment():
@@ -635,15 +735,22 @@ class StreamServer:
         log.info("stopped", extra=_data(**self.stats.to_dict()))
 
 
-def _rebalance_log() -> Any:
-    """Logs the group's moves: `partitions assigned` tells that this consumer now serves."""
+def _rebalance_log(revoked_flag: threading.Event) -> Any:
+    """Logs the group's moves (`partitions assigned` tells that this consumer now serves) and
+    flags revocations to the serving loop: a partition assigned again is read from its committed
+    offset. Runs on the client's thread, so it only sets the flag."""
     from kafka import ConsumerRebalanceListener
 
     class Listener(ConsumerRebalanceListener):
-        # Nothing is in flight while the consumer polls (each batch is acknowledged and
-        # committed before the next poll), so a rebalance has nothing to hand over.
         def on_partitions_revoked(self, revoked: Any) -> None:
+            if revoked:
+                revoked_flag.set()
             log.info("partitions revoked", extra=_data(partitions=sorted(map(str, revoked))))
+
+        def on_partitions_lost(self, lost: Any) -> None:
+            if lost:
+                revoked_flag.set()
+            log.info("partitions lost", extra=_data(partitions=sorted(map(str, lost))))
 
         def on_partitions_assigned(self, assigned: Any) -> None:
             log.info("partitions assigned", extra=_data(partitions=sorted(map(str, assigned))))
