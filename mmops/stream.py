@@ -559,10 +559,12 @@ class StreamServer:
             timeout = 5  # come back soon: a batch in flight may be predicted
         polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(self._open))
         if self._revoked.is_set():
-            # A rebalance inside the poll: the client reads every partition it still has again
-            # from its committed offset, so what was polled before would be served twice.
+            # A rebalance inside the poll: partitions that moved are read by their new owner from
+            # the committed offset. The client keeps its position in those it still has, so
+            # what was polled and not sent is read again from where it starts, in order.
             self._revoked.clear()
-            self._forget()
+            self._rewind([*self._forget(), *(m for ms in polled.values() for m in ms)])
+            return
         for messages in polled.values():
             if messages and not self._open:
                 self._opened_at = time.monotonic()
@@ -692,8 +694,12 @@ class StreamServer:
 
     def _abandon(self) -> None:
         """After an error: rewind every partition to its first message not committed."""
+        self._rewind(self._forget())
+
+    def _rewind(self, messages: Sequence[Any]) -> None:
+        """Seek each assigned partition back to its first message in `messages` (in order)."""
         first: dict[Any, int] = {}
-        for message in self._forget():
+        for message in messages:
             first.setdefault(_partition(message), message.offset)
         try:
             assigned = self.consumer.assignment()

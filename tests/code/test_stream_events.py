@@ -16,6 +16,7 @@ from mmops.stream import (
     decode_event,
     kafka_settings,
     prediction_value,
+    serving_threads,
 )
 
 GOOD = {"id": "e1", "text": "a red circle", "image": "aGVsbG8=", "ts": 5, "source": "cam-1"}
@@ -111,6 +112,7 @@ def test_bad_kafka_settings_name_the_variable(name: str, value: str) -> None:
     ("override", "key"),
     [
         ("stream.max_batch=0", "stream"),
+        ("stream.workers=0", "workers"),
         ("stream.auto_offset_reset=middle", "stream.auto_offset_reset"),
         ("stream.output_topic=mmops.events", "topics must differ"),
         ("stream.metrics_port=70000", "stream.metrics_port"),
@@ -119,6 +121,19 @@ def test_bad_kafka_settings_name_the_variable(name: str, value: str) -> None:
 def test_stream_config_is_validated(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_params(None, [override])
+
+
+def test_workers_share_the_cores_unless_threads_are_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)), raising=False)
+    cfg = load_params().predict
+    assert cfg.threads == 0
+    assert serving_threads(cfg, 2).threads == 8
+    assert serving_threads(cfg, 3).threads == 5
+    assert serving_threads(cfg, 32).threads == 1  # never fewer than one
+    pinned = load_params(None, ["predict.threads=4"]).predict
+    assert serving_threads(pinned, 2).threads == 4
 
 
 def test_only_an_alias_is_followed() -> None:

@@ -389,6 +389,13 @@ def test_champion_swap_mid_stream_serves_each_event_once(
     assert server.metrics.registry.get_sample_value("mmops_stream_model_swaps_total") == 1
 
 
+def wait_for_partitions(server: StreamServer, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not (server.consumer is not None and len(server.consumer.assignment()) == count):
+        assert time.monotonic() < deadline, f"no {count} partitions assigned in {timeout} s"
+        time.sleep(0.2)
+
+
 def test_consumers_in_one_group_share_the_partitions(
     registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
 ) -> None:
@@ -407,6 +414,29 @@ def test_consumers_in_one_group_share_the_partitions(
     assert sorted(ids_of(out)) == sorted(e["id"] for e in events)
     assert first.stats.events > 0 and second.stats.events > 0  # each served its partition
     assert first.stats.events + second.stats.events == len(events)
+
+
+def test_a_consumer_joining_mid_stream_loses_nothing(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    """The rebalance revokes partitions while batches are being predicted: those are dropped
+    unsent and read again from the committed offsets, by whichever consumer now owns them."""
+    events = registered.events[:300]
+    first = serving()
+    wait_for_partitions(first, PARTITIONS)
+    sender = paced_sender(bootstrap, topics.input, events, 0.04)  # no keys: both partitions
+    sender.start()
+    read_topic(bootstrap, topics.output, lambda m: len(m) >= 40, settle=0)
+    second = serving()
+    wait_for_partitions(second, 1)
+    sender.join()
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}))
+
+    ids = ids_of(out)
+    assert set(ids) == {e["id"] for e in events}
+    assert len(ids) - len(set(ids)) <= PARTITIONS * 16  # at most a batch per partition again
+    assert first.stats.events > 0 and second.stats.events > 0  # the newcomer took a partition
 
 
 def test_broker_pause_loses_nothing(
