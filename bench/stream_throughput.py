@@ -3,9 +3,10 @@
 Starts its own broker (Tansu) on a free port and measures, on events built from the dataset
 (base64 images, as the contract has them):
 
-- raw: `Predictor.predict_batch` on the decoded events in chunks of `stream.max_batch`, no broker;
-- stream: `StreamServer` (what `mmops serve` runs) draining a topic of pre-produced events,
-  from its first batch to its last commit: events/s;
+- raw: `Predictor.predict_batch` on the decoded events in chunks of `stream.max_batch`, one call
+  after another, no broker, with the `predict` settings as they are (all cores to each call);
+- stream: `StreamServer` (what `mmops serve` runs, `stream.workers` batches predicted at once)
+  draining a topic of pre-produced events, from its first batch to its last commit: events/s;
 - latency: a consumer fed at 10% and 50% of the measured throughput: p50/p99 from an event's
   send to its prediction in the output topic;
 - naive: one event per poll, predict, produce, flush and commit, on the same topic.
@@ -97,6 +98,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "max_batch": cfg.max_batch,
                 "max_wait_ms": cfg.max_wait_ms,
+                "workers": cfg.workers,
                 "backend": predictor.backend,
                 "events_per_s": {
                     "stream": round(median(stream), 1),
