@@ -183,7 +183,7 @@ class Predictor:
             except RecordError as error:
                 results.append({"id": record_id, "error": str(error), "reason": error.reason})
         outputs = self.run(examples)
-        best = outputs.probs.argmax(axis=1).tolist() if len(examples) else []
+        best = outputs.probs.argmax(axis=1).tolist()
         for slot, index, probs in zip(slots, best, outputs.probs.tolist(), strict=True):
             results[slot].update(
                 label=self.labels[index],

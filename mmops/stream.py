@@ -405,10 +405,11 @@ class StreamServer:
         self.consumer: Any = None
         self.producer: Any = None
         self._workers: ThreadPoolExecutor | None = None
-        # Owned by the thread in `run`: the batch being collected (and when its first message
-        # came) and the batches being predicted, oldest first; none of them sent yet.
+        # Owned by the thread in `run`: the batch being collected (and when it closes,
+        # max_wait_ms after its first message) and the batches being predicted, oldest first;
+        # none of them sent yet.
         self._open: list[Any] = []
-        self._opened_at = 0.0
+        self._closes_at = 0.0
         self._flights: deque[Flight] = deque()
         self._revoked = threading.Event()  # set by the group's listener, on the client's thread
 
@@ -526,8 +527,8 @@ class StreamServer:
             self._dispatch()
             if len(self._open) >= self.cfg.max_batch:
                 # The next batch is ready and every worker busy (or a new champion waits).
-                jobs = [flight.job for flight in self._flights]
-                futures.wait(jobs, timeout=0.2, return_when=futures.FIRST_COMPLETED)
+                running = [flight.job for flight in self._flights if not flight.job.done()]
+                futures.wait(running, timeout=0.2, return_when=futures.FIRST_COMPLETED)
                 return
             self._collect()
             self._dispatch()
@@ -553,8 +554,8 @@ class StreamServer:
         cfg, consumer = self.cfg, self.consumer
         timeout = 200
         if self._open:
-            closes = self._opened_at + cfg.max_wait_ms / 1000
-            timeout = max(1, int((closes - time.monotonic()) * 1000)) if not self._flights else 5
+            closes_in = self._closes_at - time.monotonic()
+            timeout = max(1, int(closes_in * 1000)) if not self._flights else 5
         elif self._flights:
             timeout = 5  # come back soon: a batch in flight may be predicted
         polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(self._open))
@@ -567,7 +568,7 @@ class StreamServer:
             return
         for messages in polled.values():
             if messages and not self._open:
-                self._opened_at = time.monotonic()
+                self._closes_at = time.monotonic() + cfg.max_wait_ms / 1000
             self._open.extend(messages)
         if not polled and not self._open and not self._flights:
             self._record_lag()
@@ -577,9 +578,7 @@ class StreamServer:
         cfg = self.cfg
         if not self._open or self.stopping or self.models.ready:
             return  # a new champion waits for the batches in flight, then serves this one
-        if len(self._open) < cfg.max_batch and time.monotonic() < self._opened_at + (
-            cfg.max_wait_ms / 1000
-        ):
+        if len(self._open) < cfg.max_batch and time.monotonic() < self._closes_at:
             return
         if sum(not flight.job.done() for flight in self._flights) >= cfg.workers:
             return
@@ -679,8 +678,7 @@ class StreamServer:
             log.warning("commit failed", extra=_data(error=str(error)))
             return
         self.stats.last_commit_at = time.time()
-        if not self._flights:
-            self._record_lag()
+        self._record_lag()
 
     def _forget(self) -> list[Any]:
         """Drop the batches not yet sent (their predictions are never produced); returns their
@@ -712,8 +710,7 @@ class StreamServer:
     def _finish(self) -> None:
         """On the way out: send and commit the batches being predicted (not the open one)."""
         try:
-            for flight in self._flights:
-                futures.wait([flight.job])
+            futures.wait([flight.job for flight in self._flights])
             self._deliver()
         except Exception as error:  # not committed: served again after a restart
             log.warning(
@@ -743,8 +740,8 @@ class StreamServer:
 
 def _rebalance_log(revoked_flag: threading.Event) -> Any:
     """Logs the group's moves (`partitions assigned` tells that this consumer now serves) and
-    flags revocations to the serving loop: a partition assigned again is read from its committed
-    offset. Runs on the client's thread, so it only sets the flag."""
+    flags revocations to the serving loop, which then rewinds what it polled and did not send.
+    Runs on the client's thread, so it only sets the flag."""
     from kafka import ConsumerRebalanceListener
 
     class Listener(ConsumerRebalanceListener):
