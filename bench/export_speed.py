@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from mmops.config import load_params
-from mmops.export import export_model
-from mmops.model import load_model
-from mmops.predict import OnnxRunner, TorchRunner, cycled_batch
-from mmops.preprocess import Collator, MultimodalDataset
-from mmops.train import load_splits
+from mmops.data.dataset import load_splits
+from mmops.export.exporter import export_model
+from mmops.model.preprocess import Collator, MultimodalDataset
+from mmops.model.storage import load_model
+from mmops.serving.runners import OnnxRunner, TorchRunner, cycled_batch
 
 BATCH_SIZES = (1, 8, 32)
 ROUNDS = 5

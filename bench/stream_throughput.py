@@ -33,10 +33,12 @@ from statistics import median
 from typing import Any
 
 from mmops.config import Params, load_params
-from mmops.predict import Predictor
-from mmops.stack import LOOPBACK, create_topics, free_port, start_broker
-from mmops.stream import StreamServer, dataset_events, decode_event, replay
-from mmops.train import load_splits
+from mmops.data.dataset import load_splits
+from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
+from mmops.serving.predictor import Predictor
+from mmops.stream.events import decode_event
+from mmops.stream.replay import dataset_events, replay
+from mmops.stream.server import StreamServer
 
 LOAD_SHARES = (0.1, 0.5)  # latency is measured with events sent at these shares of throughput
 

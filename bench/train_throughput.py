@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from mmops.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
-from mmops.demo_data import make_demo_data
-from mmops.model import MultimodalClassifier, build_encoders
-from mmops.preprocess import Collator, MultimodalDataset, model_inputs, train_tokenizer
-from mmops.train import Runtime, _loader, load_splits, train_step
+from mmops.data.dataset import load_splits
+from mmops.data.demo import make_demo_data
+from mmops.model.classifier import MultimodalClassifier, build_encoders
+from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs, train_tokenizer
+from mmops.training.train import Runtime, _loader, train_step
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ref_train_loop.py"
 # Encoder sizes of the reference's configs (ref_train_loop.make); "tiny" is for CPU smoke tests.

@@ -22,9 +22,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmops.config import load_params
-from mmops.dataset import read_manifest
-from mmops.evaluate import evaluate_model
-from mmops.train import load_splits, train
+from mmops.data.dataset import load_splits, read_manifest
+from mmops.evaluation.evaluate import evaluate_model
+from mmops.training.train import train
 
 COLOURS = {"crimson": (200, 30, 60), "teal": (20, 150, 140), "orange": (240, 140, 20)}
 COUNTS = ("one", "two", "three", "four")

@@ -19,9 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from mmops.config import Params
-from mmops.dataset import read_manifest
-from mmops.demo_data import make_demo_data
-from mmops.validate import validate_dataset
+from mmops.data.dataset import read_manifest
+from mmops.data.demo import make_demo_data
+from mmops.data.validate import validate_dataset
 
 
 def bare_decode(root: Path) -> float:

@@ -12,33 +12,35 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.schedules import Cron
 
-from mmops import registry, tracking, versioning
 from mmops.config import Params, resolve_params
-from mmops.retrain import (
-    DatasetRejected,
-    is_transient,
-    registration_tags,
+from mmops.data.validate import DatasetRejected, validate_dataset
+from mmops.data.versioning import data_version
+from mmops.tracking import registry
+from mmops.tracking.evaluate_run import tracked_evaluate
+from mmops.tracking.export_run import tracked_export
+from mmops.tracking.train_run import tracked_train
+from mmops_flows.support import (
+    TRANSIENT,
+    mmops_logs_to_prefect,
+    name_flow_run,
     run_folder,
+    run_url,
     summary_markdown,
 )
-from mmops.validate import validate_dataset
 
-# Backoff for the tracking server or network hiccups; anything else fails at once.
-TRANSIENT = {
-    "retries": 3,
-    "retry_delay_seconds": [2, 10, 30],
-    "retry_condition_fn": lambda task, run, state: is_transient(state),
-}
+# Each stage's limit; a hung stage fails the run instead of holding its worker for ever.
+MINUTE, HOUR = 60, 3600
 
 
-@task
+@task(timeout_seconds=30 * MINUTE)
 def resolve_data_version(data_dir: str) -> dict[str, Any]:
-    return versioning.data_version(data_dir).to_dict()
+    return data_version(data_dir).to_dict()
 
 
-@task(retries=0)
+@task(retries=0, timeout_seconds=2 * HOUR)
 def validate(data_dir: str, params: Params) -> dict[str, Any]:
     report = validate_dataset(data_dir, params)
     if not report.success:
@@ -47,31 +49,30 @@ def validate(data_dir: str, params: Params) -> dict[str, Any]:
 
 
 # Train is where the GPU is: run this flow from a work pool on a GPU machine (README).
-@task(**TRANSIENT)
+@task(**TRANSIENT, timeout_seconds=24 * HOUR)
 def train(data_dir: str, params: Params, out: str) -> dict[str, Any]:
-    run = tracking.tracked_train(data_dir, params, Path(out) / "train")
+    run = tracked_train(data_dir, params, Path(out) / "train")
     return {"run_id": run.run_id, "model_uri": run.model_uri, "model_dir": str(run.model_dir)}
 
 
-@task(**TRANSIENT)
+@task(**TRANSIENT, timeout_seconds=2 * HOUR)
 def evaluate(model_dir: str, data_dir: str, params: Params, out: str) -> dict[str, Any]:
-    metrics, _ = tracking.tracked_evaluate(model_dir, data_dir, params, Path(out) / "evaluate")
+    metrics, _ = tracked_evaluate(model_dir, data_dir, params, Path(out) / "evaluate")
     return metrics
 
 
-@task(**TRANSIENT)
+@task(**TRANSIENT, timeout_seconds=2 * HOUR)
 def export(model_dir: str, data_dir: str, params: Params, out: str) -> dict[str, Any]:
-    folder = Path(out) / "export"
-    report, _, model_uri = tracking.tracked_export(model_dir, data_dir, params, folder)
+    report, _, model_uri = tracked_export(model_dir, data_dir, params, Path(out) / "export")
     return {**report, "model_uri": model_uri}
 
 
-@task(**TRANSIENT)
+@task(**TRANSIENT, timeout_seconds=15 * MINUTE)
 def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return registry.register(model_uri, name, tags)
 
 
-@task(**TRANSIENT)
+@task(**TRANSIENT, timeout_seconds=HOUR)
 def gate_and_promote(
     name: str, version: str, data_dir: str, params: Params, reason: str
 ) -> dict[str, Any]:
@@ -87,33 +88,53 @@ def retrain_and_evaluate(
     out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Retrain on the data, evaluate, export, register, and promote only past the gate."""
-    params = resolve_params(params_file, overrides or [])
-    name = params.tracking.registered_model
-    out = run_folder(out_dir)
-    version_info = resolve_data_version(data_dir)
-    validate(data_dir, params)
-    trained = train(data_dir, params, out)
-    metrics = evaluate(trained["model_dir"], data_dir, params, out)
-    exported = export(trained["model_dir"], data_dir, params, out)
-    tags = registration_tags(version_info, metrics, exported, trained["run_id"])
-    version = register(exported["model_uri"], name, tags)
-    decision = gate_and_promote(name, version, data_dir, params, reason="retrain flow: gate passed")
-    result = {
-        "model": name,
-        "version": version,
-        "run_id": trained["run_id"],
-        "data_md5": version_info["md5"],
-        "promoted": decision["promoted"],
-        "gate": {k: decision["verdict"][k] for k in ("passed", "reasons", "p_value")},
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "serving": exported["serving"],
-        "champion": registry.champion_version(name),
-    }
-    create_markdown_artifact(
-        key="retrain-summary",
-        markdown=summary_markdown(result, metrics, decision["table"]),
-        description="Evaluation summary and challenger versus champion",
+    with mmops_logs_to_prefect():
+        params = resolve_params(params_file, overrides or [])
+        name = params.tracking.registered_model
+        out = run_folder(out_dir)
+        version_info = resolve_data_version(data_dir)
+        name_flow_run(version_info["md5"])
+        validate(data_dir, params)
+        trained = train(data_dir, params, out)
+        create_link_artifact(
+            run_url(trained["run_id"]),
+            link_text=f"MLflow run {trained['run_id']}",
+            key="mlflow-run",
+            description="The training run: parameters, curves, model, evaluation and export",
+        )
+        metrics = evaluate(trained["model_dir"], data_dir, params, out)
+        exported = export(trained["model_dir"], data_dir, params, out)
+        tags = registry.registration_tags(version_info, metrics, exported, trained["run_id"])
+        version = register(exported["model_uri"], name, tags)
+        decision = gate_and_promote(name, version, data_dir, params, "retrain flow: gate passed")
+        result = {
+            "model": name,
+            "version": version,
+            "run_id": trained["run_id"],
+            "data_md5": version_info["md5"],
+            "promoted": decision["promoted"],
+            "gate": {k: decision["verdict"][k] for k in ("passed", "reasons", "p_value")},
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "serving": exported["serving"],
+            "champion": registry.champion_version(name),
+        }
+        create_markdown_artifact(
+            key="retrain-summary",
+            markdown=summary_markdown(result, metrics, decision["table"]),
+            description="Evaluation summary and challenger versus champion",
+        )
+        promoted = "promoted" if decision["promoted"] else "not promoted"
+        get_run_logger().info("v%s %s", version, promoted)
+        return result
+
+
+def serve_schedule(data_dir: str, params: Params, params_file: str | None, overrides: list[str]):
+    """Serve this flow as a deployment on the cron schedule in params.yaml, until interrupted."""
+    cfg = params.schedule
+    retrain_and_evaluate.serve(
+        name=cfg.name,
+        schedule=Cron(cfg.cron, timezone=cfg.timezone),
+        parameters={"data_dir": data_dir, "params_file": params_file, "overrides": overrides},
+        pause_on_shutdown=False,
     )
-    get_run_logger().info("v%s %s", version, "promoted" if decision["promoted"] else "not promoted")
-    return result

@@ -7,6 +7,10 @@ read by MLflow, Prefect, boto3/DVC or torchrun, and set by the deployment files 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 VARIABLES: dict[str, str] = {
     "MLFLOW_TRACKING_URI": (
         "MLflow tracking server and registry; default: a SQLite store `mlflow.db` in the "
@@ -55,3 +59,15 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "MASTER_PORT": "torchrun rendezvous port",
     "NCCL_DEBUG": "NCCL logging, for multi-GPU debugging",
 }
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store in the working directory (a registry needs one)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def mlflow_client() -> Any:
+    """An MLflow client of the tracking store and registry that `tracking_uri` names."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mmops.config import Params, load_params
-from mmops.demo_data import make_demo_data
+from mmops.data.demo import make_demo_data
 
 # Thresholds sized for 400 rows; the defaults expect a dataset of a few thousand.
 SMALL_OVERRIDES = (

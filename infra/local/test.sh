@@ -9,4 +9,5 @@ export PATH="$root/.venv/bin:$PATH"
 
 ruff check .
 ruff format --check .
+lint-imports  # the layers and no-cycle contracts in pyproject.toml
 python -m pytest "$@"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops.cli import app
+from mmops.cli.common import app
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mmops.cli import app
+from mmops.cli.common import app
 from mmops.config import Params
 
 MMOPS = str(Path(sys.executable).parent / "mmops")
@@ -27,8 +27,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) -> Path:
     """An untrained tiny model folder: enough to load, nothing to learn."""
-    from mmops.model import MultimodalClassifier, build_encoders, save_model
-    from mmops.preprocess import train_tokenizer
+    from mmops.model.classifier import MultimodalClassifier, build_encoders
+    from mmops.model.preprocess import train_tokenizer
+    from mmops.model.storage import save_model
 
     config = tiny_params.model
     tokenizer = train_tokenizer(["what colour is the shape"] * 5, vocab_size=64, max_length=16)
@@ -152,12 +153,12 @@ def test_mistake_prints_error_and_hint(
     demo_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import mmops.stream
+    import mmops.stream.settings
 
-    settings = mmops.stream.kafka_settings
+    settings = mmops.stream.settings.kafka_settings
     # The default minute of bootstrap retries would only make the no-broker case slow.
     monkeypatch.setattr(
-        mmops.stream, "kafka_settings", lambda: {**settings(), "bootstrap_timeout_ms": 500}
+        mmops.stream.settings, "kafka_settings", lambda: {**settings(), "bootstrap_timeout_ms": 500}
     )
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
     if args == ["serve"]:
@@ -177,11 +178,11 @@ def test_verbose_and_mmops_debug_keep_the_traceback(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_bug_is_not_dressed_up_as_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mmops.versioning
+    import mmops.data.versioning
 
     def broken(_: object) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(mmops.versioning, "data_version", broken)
+    monkeypatch.setattr(mmops.data.versioning, "data_version", broken)
     result = runner.invoke(app, ["data-version", "."])
     assert isinstance(result.exception, KeyError)

@@ -9,13 +9,7 @@ import pandas as pd
 import pytest
 
 from mmops.config import SplitRatios
-from mmops.dataset import (
-    DatasetError,
-    assign_splits,
-    find_manifest,
-    hash_split,
-    read_manifest,
-)
+from mmops.data.dataset import DatasetError, assign_splits, find_manifest, hash_split, read_manifest
 
 RECORDS = [
     {"id": "a", "image": "images/a.png", "text": "What colour?", "label": "red", "split": "train"},

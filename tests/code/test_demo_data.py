@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmops.demo_data import (
+from mmops.data.demo import (
     CARD_NAME,
     COLOURS,
     GROUPS,

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from mmops.environment import LIBRARY_VARIABLES, VARIABLES
-from mmops.stream import KAFKA_ENV
+from mmops.stream.settings import KAFKA_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 READERS = {"get", "getenv", "setdefault", "pop"}
@@ -38,7 +38,7 @@ def names_read(path: Path) -> set[str]:
 
 def test_the_code_reads_only_listed_variables() -> None:
     read = set(KAFKA_ENV)
-    for path in [*ROOT.glob("mmops/*.py"), *ROOT.glob("flows/*.py")]:
+    for path in [*ROOT.glob("mmops/**/*.py"), *ROOT.glob("flows/*.py")]:
         read |= names_read(path)
     assert "MLFLOW_TRACKING_URI" in read  # the scan finds what it should
     assert read <= set(VARIABLES), f"read but not in mmops/environment.py: {read - set(VARIABLES)}"

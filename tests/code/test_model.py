@@ -9,19 +9,17 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
 from mmops.config import ConfigError, ModelConfig, load_params
-from mmops.dataset import read_manifest
-from mmops.model import (
-    META_FILE,
+from mmops.data.dataset import read_manifest
+from mmops.model.classifier import (
     ConvStem,
     ModelOutput,
     MultimodalClassifier,
     build_encoders,
     contrastive_loss,
-    load_model,
-    save_model,
 )
-from mmops.preprocess import train_tokenizer
-from mmops.train import train
+from mmops.model.preprocess import train_tokenizer
+from mmops.model.storage import META_FILE, load_model, save_model
+from mmops.training.train import train
 
 FUSIONS = ("late", "concat", "cross_attention")
 VOCAB = 60

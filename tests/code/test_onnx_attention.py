@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mmops.config import load_params
-from mmops.model import MultimodalClassifier, build_encoders
-from mmops.onnx_attention import IMPLEMENTATION, FusedMultiheadAttention, fused_attention
+from mmops.export.attention import IMPLEMENTATION, FusedMultiheadAttention, fused_attention
+from mmops.model.classifier import MultimodalClassifier, build_encoders
 
 VOCAB = 40
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmops.dataset import read_manifest
-from mmops.preprocess import (
+from mmops.data.dataset import read_manifest
+from mmops.model.preprocess import (
     Collator,
     Example,
     MultimodalDataset,

@@ -7,8 +7,9 @@ import sqlite3
 import pytest
 
 from mmops.config import GateConfig
-from mmops.registry import Score, gate, mcnemar_p
-from mmops.retrain import is_transient_error, registration_tags
+from mmops.tracking.gate import Score, gate, mcnemar_p
+from mmops.tracking.registry import registration_tags
+from mmops_flows.support import is_transient_error
 
 
 def score(version: str, accuracy: float, groups: dict[str, float], correct: list[bool]) -> Score:

@@ -8,16 +8,11 @@ from types import SimpleNamespace
 import pytest
 
 from mmops.config import ConfigError, load_params
-from mmops.stack import StackError, loopback_port
-from mmops.stream import (
-    EventError,
-    ModelSource,
-    dead_letter_headers,
-    decode_event,
-    kafka_settings,
-    prediction_value,
-    serving_threads,
-)
+from mmops.local.stack import StackError, loopback_port
+from mmops.stream.champion import ModelSource
+from mmops.stream.events import EventError, dead_letter_headers, decode_event, prediction_value
+from mmops.stream.server import serving_threads
+from mmops.stream.settings import kafka_settings
 
 GOOD = {"id": "e1", "text": "a red circle", "image": "aGVsbG8=", "ts": 5, "source": "cam-1"}
 

@@ -14,17 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import mmops.validate
+import mmops.data.validate
 from mmops.config import ImageLimits, Params, load_params
-from mmops.dataset import hash_split
-from mmops.images import inspect_image
-from mmops.validate import (
-    CHECKS,
-    CheckResult,
-    ValidationReport,
-    validate_dataset,
-    write_report,
-)
+from mmops.data.dataset import hash_split
+from mmops.data.images import inspect_image
+from mmops.data.validate import CHECKS, CheckResult, ValidationReport, validate_dataset
+from mmops.data.validation_report import write_report
 
 # Row 3 of the fixture: hash-split into train (asserted where it matters).
 ROW = 3
@@ -432,7 +427,7 @@ def test_parallel_image_inspection_matches_serial(
     truncated_png(root, [])
     params = load_params(None, [*small_overrides, "validate.workers=2"])
     serial = validate_dataset(root, params)
-    monkeypatch.setattr(mmops.validate, "_PARALLEL_FROM", 10)
+    monkeypatch.setattr(mmops.data.validate, "_PARALLEL_FROM", 10)
     parallel = validate_dataset(root, params)
     assert failed_names(parallel) == {"image.decodes"}
     assert parallel.checks == serial.checks

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmops.versioning import data_version, recorded_md5
+from mmops.data.versioning import data_version, recorded_md5
 
 
 def dvc_dir_md5(root: Path) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mmops.config import load_params
-from mmops.demo_data import make_demo_data
-from mmops.validate import validate_dataset
+from mmops.data.demo import make_demo_data
+from mmops.data.validate import validate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

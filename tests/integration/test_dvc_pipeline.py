@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmops.demo_data import make_demo_data
-from mmops.versioning import data_version
+from mmops.data.demo import make_demo_data
+from mmops.data.versioning import data_version
 
 pytestmark = pytest.mark.integration
 

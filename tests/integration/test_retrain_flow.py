@@ -183,7 +183,7 @@ def test_invalid_data_stops_the_flow_and_leaves_the_registry(
 def test_concurrent_gates_leave_a_consistent_champion(
     two_runs: tuple[dict, dict], workdir: Path, tiny_overrides: tuple[str, ...]
 ) -> None:
-    from mmops import registry
+    from mmops.tracking import registry
 
     params = load_params(None, [*tiny_overrides, *GOOD, "gate.max_regression=1.0"])
     outcomes: list[tuple[str, bool]] = []

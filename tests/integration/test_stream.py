@@ -27,12 +27,13 @@ from kafka.structs import TopicPartition
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops import registry
-from mmops.cli import app
+from mmops.cli.common import app
 from mmops.config import Params, load_params
-from mmops.stack import LOOPBACK, create_topics, free_port, start_broker
-from mmops.stream import StreamServer, dataset_events
-from mmops.train import load_splits
+from mmops.data.dataset import load_splits
+from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
+from mmops.stream.replay import dataset_events
+from mmops.stream.server import StreamServer
+from mmops.tracking import registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

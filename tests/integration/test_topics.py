@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
-from mmops.stack import LOOPBACK, free_port, start_broker
+from mmops.local.stack import LOOPBACK, free_port, start_broker
 
 pytestmark = pytest.mark.integration
 

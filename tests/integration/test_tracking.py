@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mmops.cli import app
+from mmops.cli.common import app
 from mmops.config import load_params, to_dict
-from mmops.dataset import read_manifest
-from mmops.predict import Predictor
-from mmops.tracking import flatten
-from mmops.versioning import data_version
+from mmops.data.dataset import read_manifest
+from mmops.data.versioning import data_version
+from mmops.serving.predictor import Predictor
+from mmops.tracking.runs import flatten
 
 pytestmark = pytest.mark.integration
 
@@ -282,7 +282,7 @@ def test_training_core_imports_without_tracking_tools() -> None:
         "import sys\n"
         "for name in ('mlflow', 'prefect', 'dvc'):\n"
         "    sys.modules[name] = None\n"
-        "import mmops.train, mmops.model, mmops.evaluate, mmops.preprocess\n"
+        "import mmops.training.train, mmops.model.storage, mmops.evaluation.evaluate\n"
     )
 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mmops.config import Params, load_params
-from mmops.train import TrainResult, train
+from mmops.training.train import TrainResult, train
 
 # Four epochs at a learning rate where the tiny model's train loss falls every time; the
 # contrastive term makes evaluation report retrieval too.

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mmops.config import Params
-from mmops.evaluate import (
+from mmops.data.dataset import load_splits
+from mmops.evaluation.evaluate import (
     METRICS_FILE,
     REPORT_FILE,
     Predictions,
@@ -20,7 +21,7 @@ from mmops.evaluate import (
     flat_metrics,
     retrieval_recall,
 )
-from mmops.train import TrainResult, load_splits
+from mmops.training.train import TrainResult
 
 PERTURBATIONS = ("image_noise", "image_blur", "text_typos", "missing_image", "missing_text")
 # What MLflow accepts in a metric name (it also allows ':', except on Windows).

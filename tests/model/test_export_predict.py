@@ -15,12 +15,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops.cli import app
+from mmops.cli.common import app
 from mmops.config import ExportConfig, Params, PredictConfig
-from mmops.evaluate import evaluate_model
-from mmops.export import export_model, parity
-from mmops.predict import EXPORT_FILE, ONNX_FILES, Outputs, Predictor
-from mmops.train import TrainResult, load_splits
+from mmops.data.dataset import load_splits
+from mmops.evaluation.evaluate import evaluate_model
+from mmops.export.exporter import export_model, parity
+from mmops.serving.predictor import Predictor
+from mmops.serving.runners import EXPORT_FILE, ONNX_FILES, Outputs
+from mmops.training.train import TrainResult
 
 
 @pytest.fixture(scope="module")

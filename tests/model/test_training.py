@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmops.config import Params, load_params
-from mmops.model import WEIGHTS_FILE, LoadedModel, load_model
-from mmops.preprocess import Collator, MultimodalDataset, model_inputs
-from mmops.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, load_splits, train
+from mmops.data.dataset import load_splits
+from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs
+from mmops.model.storage import WEIGHTS_FILE, LoadedModel, load_model
+from mmops.training.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, train
 
 # Wall-clock measurements: the only history entries that may differ between identical runs.
 TIMINGS = ("epoch_seconds", "train_samples_per_s")
@@ -225,7 +226,7 @@ import json
 import sys
 
 from mmops.config import load_params
-from mmops.train import train
+from mmops.training.train import train
 
 data_dir, out_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 train(data_dir, load_params(None, overrides), out_dir=out_dir, progress=False)

@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mmops.config import Params
-from mmops.dataset import assign_splits, read_manifest
-from mmops.model import (
+from mmops.data.dataset import load_splits
+from mmops.model.classifier import (
     MultimodalClassifier,
     build_encoders,
     contrastive_loss,
     count_parameters,
-    save_model,
 )
-from mmops.preprocess import Collator, MultimodalDataset, model_inputs, train_tokenizer
+from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs, train_tokenizer
+from mmops.model.storage import save_model
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def load_splits(data_dir: Path | str, params: Params) -> pd.DataFrame:
-    """The manifest with every row's split filled in (explicit or by hash of id)."""
-    frame = read_manifest(data_dir)
-    frame["split"] = assign_splits(frame, params.data.split)
-    return frame
 
 
 def train(

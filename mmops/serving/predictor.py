@@ -11,23 +11,25 @@ import base64
 import binascii
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
-import torch
+from typing import Any
 
 from mmops.config import PredictConfig
-from mmops.model import META_FILE, LoadedModel, load_model
-from mmops.preprocess import MODEL_INPUTS, Collator, Example, image_tensor, open_image
+from mmops.model.preprocess import Collator, Example, image_tensor, open_image
+from mmops.model.storage import META_FILE, load_model
+from mmops.serving.references import ModelIdentity
+from mmops.serving.runners import (
+    EXPORT_FILE,
+    ONNX_FILES,
+    OnnxRunner,
+    Outputs,
+    TorchRunner,
+    run_loader,
+)
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "export.json"
-ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 BACKENDS = ("auto", "int8", "fp32", "torch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -38,68 +40,6 @@ class RecordError(ValueError):
     def __init__(self, message: str, reason: str = "invalid_record") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class Outputs(NamedTuple):
-    probs: np.ndarray  # (n, classes)
-    image_embeds: np.ndarray
-    text_embeds: np.ndarray
-
-
-class TorchRunner:
-    """Runs the torch model on a collated batch."""
-
-    name = "torch"
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.model = loaded.model.eval()
-        self.device = next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
-        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS}
-        output = self.model(**inputs)
-        return Outputs(
-            output.logits.float().softmax(-1).cpu().numpy(),
-            output.image_embeds.float().cpu().numpy(),
-            output.text_embeds.float().cpu().numpy(),
-        )
-
-
-class OnnxRunner:
-    """Runs an exported ONNX model (FP32 or INT8) with ONNX Runtime on a collated batch."""
-
-    def __init__(self, path: Path, name: str, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = [
-            p
-            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if p in ort.get_available_providers()
-        ]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.name = name
-
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
-        feeds = {name: batch[name].numpy() for name in self.inputs}
-        probs, image_embeds, text_embeds = self.session.run(None, feeds)
-        return Outputs(probs, image_embeds, text_embeds)
-
-
-Runner = TorchRunner | OnnxRunner
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a prediction names as its source: a registered model and version, or a folder."""
-
-    name: str
-    version: str
-    run_id: str | None = None
 
 
 class Predictor:
@@ -135,7 +75,7 @@ class Predictor:
         local = Path(model_ref)
         if (local / META_FILE).is_file():
             return cls(local, backend, config)
-        from mmops.tracking import model_identity, resolve_model
+        from mmops.serving.references import model_identity, resolve_model
 
         folder, run_id = resolve_model(model_ref)
         return cls(folder, backend, config, model_identity(model_ref, run_id))
@@ -247,42 +187,6 @@ class Predictor:
             raise RecordError(f"image: cannot decode ({error})", "image_undecodable") from None
 
 
-def run_loader(
-    runner: Runner, batches: Iterable[Mapping[str, torch.Tensor]], num_labels: int = 0
-) -> Outputs:
-    """A runner's outputs over collated batches, concatenated in order."""
-    parts = [runner(batch) for batch in batches]
-    if not parts:
-        return Outputs(np.zeros((0, num_labels)), np.zeros((0, 0)), np.zeros((0, 0)))
-    return Outputs(*(np.concatenate(x) for x in zip(*parts, strict=True)))
-
-
-def measure_latency(
-    runner: Runner, batch: Mapping[str, torch.Tensor], repeats: int
-) -> dict[str, float]:
-    """p50/p95 milliseconds of one batch through `runner`, and examples per second at p50."""
-    for _ in range(3):  # warm-up: first calls allocate and pick kernels
-        runner(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        runner(batch)  # outputs come back as numpy: GPU work has finished when it returns
-        times.append((time.perf_counter() - start) * 1000)
-    p50 = float(np.percentile(times, 50))
-    return {
-        "p50_ms": p50,
-        "p95_ms": float(np.percentile(times, 95)),
-        "throughput_per_s": len(batch["pixel_values"]) / (p50 / 1000),
-    }
-
-
-def cycled_batch(
-    collate: Collator, examples: Sequence[Example], size: int
-) -> dict[str, torch.Tensor]:
-    """A batch of exactly `size` examples, repeating them when there are fewer (for timing)."""
-    return collate([examples[i % len(examples)] for i in range(size)])
-
-
 def _record_id(record: Any) -> Any:
     return record.get("id") if isinstance(record, Mapping) else None
 
@@ -310,58 +214,3 @@ def _image_bytes(source: Any) -> bytes:
 def _read_export(folder: Path) -> dict[str, Any] | None:
     path = folder / EXPORT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def predict_to_file(
-    predictor: Predictor,
-    records: Iterable[Any],
-    out: Path | str,
-    root: Path | str | None = None,
-) -> dict[str, Any]:
-    """Predict records in batches and write one JSON line per record; returns a summary."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    size = predictor.config.batch_size
-    counts: dict[str, int] = {}
-    total = errors = 0
-    with out.open("w", encoding="utf-8") as f:
-        for chunk in _chunks(records, size):
-            for result in predictor.predict_batch(chunk, root):
-                total += 1
-                if "error" in result:
-                    errors += 1
-                else:
-                    counts[result["label"]] = counts.get(result["label"], 0) + 1
-                f.write(json.dumps(result, default=str) + "\n")
-    return {
-        "records": total,
-        "errors": errors,
-        "labels": counts,
-        "backend": predictor.backend,
-        "model": predictor.identity.name,
-        "version": predictor.identity.version,
-        "out": str(out),
-    }
-
-
-def read_records(path: Path | str) -> Iterable[Any]:
-    """Records from a JSONL file, lazily; a line that is not JSON becomes an error record."""
-    with Path(path).open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as error:
-                yield {"id": f"{Path(path).name}:{lineno}", "_invalid": error.msg}
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

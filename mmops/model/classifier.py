@@ -7,21 +7,14 @@ labels and the tokenizer, so it loads without the training code's params.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmops.config import ModelConfig, VisionConfig
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "mmops_model.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 class ModelOutput(NamedTuple):
@@ -149,7 +142,7 @@ def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.
             ),
             add_pooling_layer=False,
         )
-        _set_stem(vision, v)
+        set_stem(vision, v)
     if config.text_pretrained:
         text = AutoModel.from_pretrained(config.text_pretrained)
     else:
@@ -166,7 +159,7 @@ def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.
             ),
             add_pooling_layer=False,
         )
-    return _vision_part(vision), _text_part(text)
+    return vision_part(vision), text_part(text)
 
 
 class ConvStem(nn.Module):
@@ -204,19 +197,19 @@ class ConvStem(nn.Module):
         return self.layers(pixel_values)
 
 
-def _set_stem(vision: nn.Module, config: VisionConfig) -> None:
+def set_stem(vision: nn.Module, config: VisionConfig) -> None:
     if config.stem == "conv":
         vision.embeddings.patch_embeddings.projection = ConvStem(
             vision.config.num_channels, vision.config.hidden_size, config.patch_size
         )
 
 
-def _vision_part(model: nn.Module) -> nn.Module:
+def vision_part(model: nn.Module) -> nn.Module:
     # A full CLIP checkpoint holds both towers; take the one asked for.
     return _strip_pooler(getattr(model, "vision_model", model))
 
 
-def _text_part(model: nn.Module) -> nn.Module:
+def text_part(model: nn.Module) -> nn.Module:
     return _strip_pooler(getattr(model, "text_model", model))
 
 
@@ -226,71 +219,6 @@ def _strip_pooler(model: nn.Module) -> nn.Module:
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     return model
-
-
-class LoadedModel(NamedTuple):
-    model: MultimodalClassifier
-    tokenizer: Any
-    labels: list[str]
-    meta: dict[str, Any]
-    folder: Path
-
-
-def save_model(
-    model: MultimodalClassifier,
-    tokenizer: Any,
-    labels: list[str],
-    out_dir: Path | str,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write weights (safetensors), encoder configs, labels and tokenizer to one folder."""
-    from safetensors.torch import save_model as save_weights
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    save_weights(model, str(out / WEIGHTS_FILE))
-    meta = {
-        "format": 1,
-        "labels": labels,
-        "model": asdict(model.config),
-        "vision_config": model.vision.config.to_dict(),
-        "text_config": model.text.config.to_dict(),
-        **(extra or {}),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
-    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    return out
-
-
-def load_model(model_dir: Path | str) -> LoadedModel:
-    """Load a folder written by `save_model`, the model in eval mode on the CPU."""
-    from safetensors.torch import load_model as load_weights
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from mmops.config import from_mapping
-
-    folder = Path(model_dir)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not an mmops model folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    # Models saved before the vision stem was a choice have the plain patch projection.
-    meta["model"].get("vision", {}).setdefault("stem", "patch")
-    config = from_mapping(ModelConfig, meta["model"], prefix="model")
-    encoders = []
-    for key in ("vision_config", "text_config"):
-        spec = dict(meta[key])
-        encoder_config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-        encoders.append(AutoModel.from_config(encoder_config))
-    vision, text = _vision_part(encoders[0]), _text_part(encoders[1])
-    if not config.vision_pretrained:
-        _set_stem(vision, config.vision)
-    model = MultimodalClassifier(config, len(meta["labels"]), vision, text)
-    load_weights(model, str(folder / WEIGHTS_FILE))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
-    return LoadedModel(model.eval(), tokenizer, list(meta["labels"]), meta, folder)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import html
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -16,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mmops.config import Params
-from mmops.dataset import (
+from mmops.data.dataset import (
     REQUIRED_COLUMNS,
     SPLITS,
     DatasetError,
@@ -24,7 +22,7 @@ from mmops.dataset import (
     find_manifest,
     read_manifest,
 )
-from mmops.images import UNSAFE_PATH, ImageInfo, inspect_chunk, is_unsafe_path
+from mmops.data.images import UNSAFE_PATH, ImageInfo, inspect_chunk, is_unsafe_path
 
 log = logging.getLogger(__name__)
 
@@ -396,46 +394,9 @@ def _leakage(
     return CheckResult("splits.leakage", leaked.empty, detail, ids=tuple(leaked["id"]))
 
 
-def write_report(report: ValidationReport, out_dir: Path | str) -> Path:
-    """Write validation.json, the GX result and a readable report.html; returns the HTML path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (out / "gx_result.json").write_text(json.dumps(report.gx_result, indent=2, default=str) + "\n")
-    page = out / "report.html"
-    page.write_text(render_html(report))
-    return page
+class DatasetRejected(ValueError):
+    """The dataset failed validation: nothing was trained and the registry is untouched."""
 
-
-def render_html(report: ValidationReport) -> str:
-    esc = html.escape
-    rows = []
-    for c in report.checks:
-        status = "pass" if c.success else "FAIL"
-        offenders = ", ".join(list(c.ids[:50]) + list(c.files[:50]))
-        rows.append(
-            f"<tr class='{status.lower()}'><td>{status}</td><td><code>{esc(c.name)}</code></td>"
-            f"<td>{esc(c.description)}</td><td>{esc(c.detail)}</td><td>{esc(offenders)}</td></tr>"
-        )
-    stats = "".join(
-        f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in report.stats.items()
-    )
-    verdict = (
-        "fit to train on"
-        if report.success
-        else f"NOT fit to train on: {len(report.failed)} checks failed"
-    )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>mmops validation: {esc(report.dataset)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-tr.fail td{{background:#fde2e2}} tr.pass td:first-child{{color:#1a7f37}}</style></head>
-<body><h1>Validation of <code>{esc(report.dataset)}</code></h1>
-<p><b>{esc(verdict)}</b></p>
-<h2>Checks</h2><table><tr><th>status</th><th>check</th><th>expects</th><th>detail</th>
-<th>offending ids / files (first 50)</th></tr>{"".join(rows)}</table>
-<h2>Statistics</h2><table>{stats}</table>
-<p>Great Expectations result: <code>gx_result.json</code>;
-full report: <code>validation.json</code>.</p>
-</body></html>
-"""
+    def __init__(self, data_dir: str | Path, report: ValidationReport) -> None:
+        failed = "; ".join(f"{c.name}: {c.summary()}" for c in report.failed)
+        super().__init__(f"{data_dir}: not fit to train on ({len(report.failed)} checks): {failed}")

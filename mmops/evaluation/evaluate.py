@@ -18,10 +18,12 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
 from mmops.config import Params
-from mmops.model import WEIGHTS_FILE, count_parameters
-from mmops.predict import Predictor, cycled_batch, measure_latency, run_loader
-from mmops.preprocess import ImageTransform, MultimodalDataset, TextTransform
-from mmops.train import load_splits
+from mmops.data.dataset import load_splits, split_rows
+from mmops.model.classifier import count_parameters
+from mmops.model.preprocess import ImageTransform, MultimodalDataset, TextTransform
+from mmops.model.storage import WEIGHTS_FILE
+from mmops.serving.predictor import Predictor
+from mmops.serving.runners import cycled_batch, measure_latency, run_loader
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,7 @@ def evaluate_model(
     predictor = Predictor(model_dir, backend, params.predict)
     loaded = predictor.loaded
     frame = load_splits(data_dir, params)
-    test = frame[frame["split"] == "test"].reset_index(drop=True)
-    if test.empty:
-        raise ValueError(f"{data_dir}: the test split is empty")
+    test = split_rows(frame, "test", data_dir, needed_by="evaluation")
     label_index = {label: i for i, label in enumerate(loaded.labels)}
     size = loaded.model.config.image_size
 

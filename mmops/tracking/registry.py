@@ -13,22 +13,20 @@ import getpass
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mmops.config import GateConfig, Params
-from mmops.tracking import tracking_uri
+from mmops.config import Params
+from mmops.environment import tracking_uri
+from mmops.tracking.gate import Verdict, gate, score
 
 log = logging.getLogger(__name__)
 
@@ -62,132 +60,6 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     client().set_registered_model_alias(name, CHALLENGER, version)
     return version
-
-
-@dataclass(frozen=True)
-class Score:
-    """A model measured on the current test split through the serving path."""
-
-    version: str
-    accuracy: float
-    groups: dict[str, float]
-    group_gap: float
-    latency_ms: float
-    backend: str
-    correct: list[bool] = field(repr=False)
-
-
-def score(name: str, version: str, data_dir: Path | str, params: Params) -> Score:
-    """Accuracy, per-group accuracy and latency of a registered version on the test split."""
-    from mmops.predict import Predictor, cycled_batch, measure_latency
-    from mmops.train import load_splits
-
-    predictor = Predictor.load(f"models:/{name}/{version}", params.predict.backend, params.predict)
-    frame = load_splits(data_dir, params)
-    test = frame[frame["split"] == "test"].reset_index(drop=True)
-    if test.empty:
-        raise ValueError(f"{data_dir}: the test split is empty; the gate needs it")
-    results = predictor.predict_batch(test[["id", "image", "text"]].to_dict("records"), data_dir)
-    labels = test["label"]
-    correct = np.array([r.get("label") == y for r, y in zip(results, labels, strict=True)])
-    groups: dict[str, float] = {}
-    if "group" in test:
-        for group, rows in test.groupby(test["group"].fillna("none")):
-            groups[str(group)] = float(correct[rows.index].mean())
-    examples = [predictor.example(r, data_dir) for r in test.head(32).to_dict("records")]
-    batch = cycled_batch(predictor.collate, examples, 32)
-    latency = measure_latency(predictor.runner, batch, repeats=10)["p50_ms"]
-    return Score(
-        version=version,
-        accuracy=float(correct.mean()),
-        groups=groups,
-        group_gap=max(groups.values()) - min(groups.values()) if groups else 0.0,
-        latency_ms=latency,
-        backend=predictor.backend,
-        correct=correct.tolist(),
-    )
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The gate's decision; `reasons` says why a challenger was rejected."""
-
-    passed: bool
-    reasons: list[str]
-    challenger: Score
-    champion: Score | None
-    p_value: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("challenger", "champion"):
-            if out[key] is not None:
-                out[key].pop("correct")
-        return out
-
-    def table(self) -> str:
-        """Challenger against champion, as a Markdown table."""
-        rows = [("accuracy", "accuracy"), ("group gap", "group_gap"), ("latency ms", "latency_ms")]
-        champ = self.champion
-        head = f"| metric | challenger v{self.challenger.version} | "
-        head += f"champion v{champ.version} |" if champ else "champion (none) |"
-        lines = [head, "|---|---|---|"]
-        for title, key in rows:
-            theirs = f"{getattr(champ, key):.4f}" if champ else "-"
-            lines.append(f"| {title} | {getattr(self.challenger, key):.4f} | {theirs} |")
-        for group, value in self.challenger.groups.items():
-            theirs = f"{champ.groups.get(group, float('nan')):.4f}" if champ else "-"
-            lines.append(f"| group {group} | {value:.4f} | {theirs} |")
-        return "\n".join(lines)
-
-
-def gate(challenger: Score, champion: Score | None, cfg: GateConfig) -> Verdict:
-    """Floors for any model; no regression (and optionally a significant gain) over a champion."""
-    reasons = []
-    if challenger.accuracy < cfg.min_accuracy:
-        reasons.append(f"accuracy {challenger.accuracy:.4f} < gate.min_accuracy {cfg.min_accuracy}")
-    if challenger.group_gap > cfg.max_group_gap:
-        reasons.append(
-            f"group gap {challenger.group_gap:.4f} > gate.max_group_gap {cfg.max_group_gap}"
-        )
-    if challenger.latency_ms > cfg.max_latency_ms:
-        reasons.append(
-            f"latency {challenger.latency_ms:.1f} ms > gate.max_latency_ms {cfg.max_latency_ms}"
-        )
-    p_value = None
-    if champion is not None:
-        drop = champion.accuracy - challenger.accuracy
-        if drop > cfg.max_regression:
-            reasons.append(
-                f"accuracy {challenger.accuracy:.4f} is {drop * 100:.2f} points below champion "
-                f"v{champion.version} ({champion.accuracy:.4f}; gate.max_regression "
-                f"{cfg.max_regression})"
-            )
-        for group, theirs in champion.groups.items():
-            ours = challenger.groups.get(group)
-            if ours is not None and theirs - ours > cfg.max_group_regression:
-                reasons.append(
-                    f"group {group!r} accuracy {ours:.4f} is {(theirs - ours) * 100:.2f} points "
-                    f"below champion's {theirs:.4f} (gate.max_group_regression "
-                    f"{cfg.max_group_regression})"
-                )
-        p_value = mcnemar_p(challenger.correct, champion.correct)
-        if cfg.require_significance and p_value >= cfg.significance_level:
-            reasons.append(
-                f"gain over champion not significant (McNemar p={p_value:.4f} >= "
-                f"gate.significance_level {cfg.significance_level})"
-            )
-    return Verdict(not reasons, reasons, challenger, champion, p_value)
-
-
-def mcnemar_p(ours: list[bool], theirs: list[bool]) -> float:
-    """One-sided exact McNemar p-value that `ours` is right more often than `theirs`."""
-    a, b = np.asarray(ours, bool), np.asarray(theirs, bool)
-    wins, losses = int((a & ~b).sum()), int((~a & b).sum())
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return float(sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n)
 
 
 def gate_and_promote(
@@ -356,3 +228,21 @@ def _lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def registration_tags(
+    data_version: dict[str, Any], metrics: dict[str, Any], export: dict[str, Any], run_id: str
+) -> dict[str, str]:
+    """Tags of a new model version: data version, git commit, key metrics, export verdict."""
+    int8 = export["gates"]["int8"]
+    return {
+        "data.md5": str(data_version["md5"]),
+        "data.dvc_md5": str(data_version.get("dvc_md5")),
+        "git.commit": str(data_version.get("git_commit")),
+        "train.run_id": run_id,
+        "test.accuracy": f"{metrics['accuracy']:.6f}",
+        "test.macro_f1": f"{metrics['macro_f1']:.6f}",
+        "export.serving": str(export["serving"]),
+        "export.int8_passed": str(int8["passed"]),
+        "export.int8_reasons": ("; ".join(int8["reasons"]) or "none")[:4900],
+    }

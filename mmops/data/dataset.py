@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmops.config import SplitRatios
+from mmops.config.sections import Params
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "manifest.parquet")
 REQUIRED_COLUMNS = ("id", "image", "text", "label")
@@ -93,3 +94,20 @@ def assign_splits(frame: pd.DataFrame, ratios: SplitRatios) -> pd.Series:
         dtype=object,
         name="split",
     )
+
+
+def load_splits(data_dir: Path | str, params: Params) -> pd.DataFrame:
+    """The manifest with every row's split filled in (explicit or by hash of id)."""
+    frame = read_manifest(data_dir)
+    frame["split"] = assign_splits(frame, params.data.split)
+    return frame
+
+
+def split_rows(
+    frame: pd.DataFrame, split: str, data_dir: Path | str, needed_by: str | None = None
+) -> pd.DataFrame:
+    """The rows of one split, re-indexed from 0; with `needed_by`, an empty split is an error."""
+    rows = frame[frame["split"] == split].reset_index(drop=True)
+    if needed_by and rows.empty:
+        raise DatasetError(f"{data_dir}: the {split} split is empty; {needed_by} needs it")
+    return rows

@@ -1,10 +1,10 @@
 """MLflow's entry point for the logged model ("models from code"): MLflow runs this file on load.
 
-Not imported by mmops itself; `mmops.tracking.log_pyfunc` names it, so no pickled object is stored.
+Not imported by mmops itself; `mmops.tracking.pyfunc.log_pyfunc` names it: no pickled object.
 """
 
 import mlflow
 
-from mmops.tracking import MmopsPyfunc
+from mmops.tracking.pyfunc import MmopsPyfunc
 
 mlflow.models.set_model(MmopsPyfunc())

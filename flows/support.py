@@ -1,21 +1,20 @@
-"""Plain helpers of the retrain flow (flows/retrain.py), kept here so the flow only wires stages."""
+"""Prefect-side helpers of the retrain flow (flows/retrain.py): retry policy, run naming, logs,
+the run folder and the summary artifact, so the flow itself only wires stages."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mmops.validate import ValidationReport
+from mmops.data.validate import DatasetRejected
+from mmops.environment import mlflow_client, tracking_uri
+from mmops.local.stack import DEFAULT_MLFLOW_PORT, LOOPBACK
 
-
-class DatasetRejected(ValueError):
-    """The dataset failed validation: nothing was trained and the registry is untouched."""
-
-    def __init__(self, data_dir: str | Path, report: ValidationReport) -> None:
-        failed = "; ".join(f"{c.name}: {c.summary()}" for c in report.failed)
-        super().__init__(f"{data_dir}: not fit to train on ({len(report.failed)} checks): {failed}")
-
+log = logging.getLogger(__name__)
 
 # Errors that a retry can fix: the network or the tracking server, not the data or the code.
 _TRANSIENT_NAMES = ("ConnectionError", "Timeout", "TimeoutError", "OperationalError")
@@ -41,6 +40,14 @@ def is_transient_error(error: BaseException) -> bool:
     return False
 
 
+# Backoff for the tracking server or network hiccups; anything else fails at once.
+TRANSIENT: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": lambda task, run, state: is_transient(state),
+}
+
+
 def _chain(error: BaseException) -> list[BaseException]:
     seen = []
     while error is not None and error not in seen:
@@ -55,24 +62,6 @@ def run_folder(out_dir: str | Path | None) -> str:
         return str(out_dir)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return str(Path("runs") / stamp)
-
-
-def registration_tags(
-    data_version: dict[str, Any], metrics: dict[str, Any], export: dict[str, Any], run_id: str
-) -> dict[str, str]:
-    """Tags of a new model version: data version, git commit, key metrics, export verdict."""
-    int8 = export["gates"]["int8"]
-    return {
-        "data.md5": str(data_version["md5"]),
-        "data.dvc_md5": str(data_version.get("dvc_md5")),
-        "git.commit": str(data_version.get("git_commit")),
-        "train.run_id": run_id,
-        "test.accuracy": f"{metrics['accuracy']:.6f}",
-        "test.macro_f1": f"{metrics['macro_f1']:.6f}",
-        "export.serving": str(export["serving"]),
-        "export.int8_passed": str(int8["passed"]),
-        "export.int8_reasons": ("; ".join(int8["reasons"]) or "none")[:4900],
-    }
 
 
 def summary_markdown(result: dict[str, Any], metrics: dict[str, Any], table: str) -> str:
@@ -103,3 +92,46 @@ def summary_markdown(result: dict[str, Any], metrics: dict[str, Any], table: str
         table,
     ]
     return "\n".join(lines) + "\n"
+
+
+def name_flow_run(data_md5: str) -> None:
+    """Name the current flow run after the data version it trains on, so the UI lists it."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, name=f"retrain data {data_md5[:12]} {stamp}")
+    except Exception as error:  # a name is a convenience: never fail the run over it
+        log.warning("could not name the flow run: %s", error)
+
+
+@contextmanager
+def mmops_logs_to_prefect() -> Iterator[None]:
+    """Send the `mmops` loggers' records to the flow run's logs in the Prefect UI.
+
+    The same as PREFECT_LOGGING_EXTRA_LOGGERS=mmops, but for every way the flow is started.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("mmops")
+    if any(isinstance(h, APILogHandler) for h in logger.handlers):
+        yield
+        return
+    handler = APILogHandler()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def run_url(run_id: str) -> str:
+    """The MLflow UI page of a run: on the tracking server, or on the one `mmops up` starts."""
+    base = tracking_uri()
+    if not base.startswith(("http://", "https://")):
+        base = f"http://{LOOPBACK}:{DEFAULT_MLFLOW_PORT}"
+    experiment = mlflow_client().get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+

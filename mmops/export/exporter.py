@@ -23,20 +23,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmops.config import ExportConfig, Params
-from mmops.model import META_FILE, LoadedModel, MultimodalClassifier
-from mmops.onnx_attention import fused_attention, translation_table
-from mmops.predict import (
+from mmops.data.dataset import load_splits, split_rows
+from mmops.export.attention import fused_attention, translation_table
+from mmops.model.classifier import MultimodalClassifier
+from mmops.model.preprocess import MODEL_INPUTS, MultimodalDataset
+from mmops.model.storage import META_FILE, LoadedModel
+from mmops.serving.predictor import Predictor
+from mmops.serving.runners import (
     EXPORT_FILE,
     ONNX_FILES,
     OnnxRunner,
     Outputs,
-    Predictor,
     cycled_batch,
     measure_latency,
     run_loader,
 )
-from mmops.preprocess import MODEL_INPUTS, MultimodalDataset
-from mmops.train import load_splits
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ def export_model(
     config = loaded.model.config
 
     frame = load_splits(data_dir, params)
-    test = frame[frame["split"] == "test"].reset_index(drop=True)
-    if test.empty:
-        raise ValueError(f"{data_dir}: the test split is empty; the parity gate needs it")
+    test = split_rows(frame, "test", data_dir, needed_by="the parity gate")
     label_index = {label: i for i, label in enumerate(loaded.labels)}
     dataset = MultimodalDataset(data_dir, test, label_index, config.image_size)
     # Decoded once: every backend sees the same tensors.
@@ -91,7 +90,7 @@ def export_model(
     fp32_path, int8_path = out / ONNX_FILES["fp32"], out / ONNX_FILES["int8"]
     attention = export_onnx(loaded, batches[0], fp32_path)
     # Static INT8 calibrates on the first train rows, batched as served.
-    train = frame[frame["split"] == "train"].head(CALIBRATION_ROWS)
+    train = split_rows(frame, "train", data_dir).head(CALIBRATION_ROWS)
     calibration = MultimodalDataset(data_dir, train, label_index, config.image_size)
     quantize_int8(
         fp32_path,
@@ -378,3 +377,20 @@ def _copy_model_folder(model_dir: Path, out: Path) -> None:
             shutil.copytree(source, out / name)
         elif source.is_file():
             shutil.copy2(source, out / name)
+
+
+def export_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The export report as flat numbers, for MLflow and `dvc metrics`."""
+    flat: dict[str, float] = {
+        f"export.accuracy.{name}": value for name, value in report["accuracy"].items()
+    }
+    flat.update({f"export.size_bytes.{k}": v for k, v in report["size_bytes"].items()})
+    flat["export.size_ratio_int8_vs_fp32"] = report["size_ratio_int8_vs_fp32"]
+    for name, gate in report["gates"].items():
+        flat[f"export.{name}.passed"] = float(gate["passed"])
+        flat[f"export.{name}.agreement"] = gate["agreement"]
+        flat[f"export.{name}.accuracy_drop"] = gate["accuracy_drop"]
+    for name, by_size in report["latency"].items():
+        for size, figures in by_size.items():
+            flat[f"export.latency.{name}.bs{size}.p50_ms"] = figures["p50_ms"]
+    return flat

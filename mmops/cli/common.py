@@ -1,0 +1,176 @@
+"""The `mmops` command line: one thin command per pipeline stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from mmops.config import ConfigError, Params, resolve_params
+
+DATASET_HINT = (
+    "a dataset is a directory with one manifest (manifest.jsonl, .csv or .parquet) and the "
+    "images it names; `mmops demo-data DIR` writes one"
+)
+MODEL_HINT = (
+    "a model is a folder, runs:/<run_id>/model, models:/<name>/<version> or "
+    "models:/<name>@<alias>; `mmops models` lists the registered versions and aliases"
+)
+BROKER_HINT = (
+    "`mmops up` starts a local broker; otherwise point KAFKA_BOOTSTRAP_SERVERS at a running one"
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: shown as an `error:` and a `hint:` line, without a traceback."""
+
+    def __init__(self, message: str, hint: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.hint, self.code = hint, code
+
+
+def _raised(exc: BaseException, *classes: str) -> bool:
+    """Whether `exc` is an instance of one of `classes`, given as dotted names."""
+    for dotted in classes:
+        module, _, name = dotted.rpartition(".")
+        # A class of a module never imported cannot have been raised, and importing mlflow or
+        # pandas just to check would add seconds to every error.
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
+    """The user's mistake behind `exc`, given the command's parameters; None for a bug."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return UserError(
+            str(exc), "params.yaml lists every key with its default; --set takes section.key=value"
+        )
+    if _raised(exc, "mmops.data.dataset.DatasetError"):
+        return UserError(str(exc), DATASET_HINT)
+    if _raised(exc, "mmops.tracking.registry.RegistryError"):
+        return UserError(
+            str(exc), "`mmops models` lists the registered versions; `mmops retrain` adds one"
+        )
+    if _raised(exc, "mmops.local.stack.BrokerUnavailable", "kafka.errors.KafkaError"):
+        return UserError(str(exc), BROKER_HINT, code=1)
+    if _raised(exc, "mmops.local.stack.StackError"):
+        return UserError(str(exc), "`mmops down` stops what did start; logs are in .mmops/logs", 1)
+    if isinstance(exc, FileExistsError):
+        return UserError(str(exc), "give a new or empty directory")
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        return UserError(message, f"check the path; relative paths start at {Path.cwd()}")
+    # No such model, version, run or alias, or a malformed models:/ URI.
+    missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    if (
+        _raised(exc, "mlflow.exceptions.MlflowException")
+        and getattr(exc, "error_code", "") in missing
+    ):
+        message = str(exc).strip().splitlines()[0]
+        ref = params.get("model")
+        return UserError(f"model {ref}: {message}" if ref else message, MODEL_HINT)
+    return None
+
+
+class ReportingCommand(TyperCommand):
+    """A command whose user mistakes print as one `error:` line and one `hint:` line.
+
+    `mmops -v` or MMOPS_DEBUG=1 raises them instead, with the traceback.
+    """
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            error = explain(exc, ctx.params)
+            debug = os.environ.get("MMOPS_DEBUG", "") not in ("", "0")
+            if error is None or debug or ctx.find_root().params.get("verbose"):
+                raise
+            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"hint: {error.hint}", err=True)
+            raise typer.Exit(error.code) from None
+
+
+HELP = (
+    "mmops: multimodal (image + text) MLOps. Validate a dataset, train, evaluate, export to INT8, "
+    "register and promote in MLflow, serve predictions from Kafka. Commands read ./params.yaml "
+    "(--params FILE) and take --set section.key=value; `mmops COMMAND --help` tells more."
+)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP)
+command = partial(app.command, cls=ReportingCommand)
+
+ParamsOption = Annotated[
+    Path | None,
+    typer.Option("--params", help="params file (default: ./params.yaml if present, else defaults)"),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a params key for this run, e.g. --set validate.workers=1"),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="print one JSON object on stdout; messages go to stderr")
+]
+MetricsOption = Annotated[
+    Path | None, typer.Option("--metrics", help="write metrics JSON here (for dvc metrics)")
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mmops import __version__
+
+        typer.echo(f"mmops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug logging; errors with their traceback")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """mmops: versioned, validated multimodal data to tracked models and streaming predictions."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # GX logs its own start-up at INFO; only its warnings concern a user.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # kafka-python narrates every connection at INFO, and httpx every call to Prefect's API.
+    for chatty in ("kafka", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_command_params(path: Path | None, overrides: list[str] | None) -> Params:
+    return resolve_params(path, overrides or [])
+
+
+def say(message: str) -> None:
+    """A message for a person: stdout, or stderr when the command prints JSON (`--json`)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    as_json = bool(context and context.params.get("as_json"))
+    typer.echo(message, err=as_json)

@@ -1,0 +1,202 @@
+"""Commands of the model pipeline: train, evaluate, export and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmops.cli.common import (
+    JsonOption,
+    MetricsOption,
+    ParamsOption,
+    SetOption,
+    UserError,
+    command,
+    load_command_params,
+    say,
+    write_json,
+)
+
+
+@command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: train.out_dir)")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the checkpoint in the output folder")
+    ] = False,
+    metrics: MetricsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model on the dataset's train split, tracked in MLflow."""
+    import shutil
+
+    from mmops.tracking.train_run import tracked_train
+
+    params = load_command_params(params_file, overrides)
+    out_dir = out or Path(params.train.out_dir)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under torchrun the other processes train their shards; rank 0 alone clears the
+        # folder, tracks the run in MLflow, saves and logs the model and reports.
+        from mmops.training.train import train as train_shard
+
+        train_shard(data, params, out_dir, resume=resume, progress=False)
+        return
+    if not resume and out_dir.exists():
+        shutil.rmtree(out_dir)  # a stale checkpoint must not leak into a fresh run
+    run = tracked_train(data, params, out_dir, resume=resume)
+    summary = {
+        "run_id": run.run_id,
+        "model_uri": run.model_uri,
+        "model_dir": str(run.model_dir),
+        "best_val_accuracy": run.result["best_val_accuracy"],
+        "best_epoch": run.result["best_epoch"],
+        "epochs_run": run.result["epochs_run"],
+        "parameters": run.result["parameters"],
+        "device": run.result["device"],
+    }
+    if metrics is not None:
+        write_json(metrics, summary)
+    say(
+        f"trained: best val accuracy {summary['best_val_accuracy']:.4f} at epoch "
+        f"{summary['best_epoch']}; run {run.run_id}; model {run.model_uri}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+@command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="report folder (default: evaluate.out_dir)")
+    ] = None,
+    metrics: MetricsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a model on the test split; log the report to its MLflow run."""
+    from mmops.evaluation.evaluate import flat_metrics
+    from mmops.tracking.evaluate_run import tracked_evaluate
+
+    params = load_command_params(params_file, overrides)
+    results, run_id = tracked_evaluate(model, data, params, out)
+    flat = flat_metrics(results)
+    if metrics is not None:
+        write_json(metrics, flat)
+    ablation = results["ablation"]
+    say(
+        f"test accuracy {results['accuracy']:.4f}, macro-F1 {results['macro_f1']:.4f}; "
+        f"image only {ablation['image_only']:.4f}, text only {ablation['text_only']:.4f}; "
+        f"run {run_id}"
+    )
+    if as_json:
+        typer.echo(json.dumps({"run_id": run_id, **flat}))
+
+
+@command()
+def export(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory (its test split)")],
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="export folder (default: export.out_dir)")
+    ] = None,
+    metrics: MetricsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export to ONNX, quantize to INT8, gate INT8 against the torch model; log to MLflow."""
+    from mmops.export.exporter import export_metrics
+    from mmops.tracking.export_run import tracked_export
+
+    params = load_command_params(params_file, overrides)
+    report, run_id, model_uri = tracked_export(model, data, params, out)
+    flat = export_metrics(report)
+    if metrics is not None:
+        write_json(metrics, flat)
+    int8 = report["gates"]["int8"]
+    verdict = "passed" if int8["passed"] else "rejected: " + "; ".join(int8["reasons"])
+    say(
+        f"exported: serving {report['serving']}; INT8 gate {verdict}; INT8 size "
+        f"{report['size_ratio_int8_vs_fp32']:.2f}x FP32; run {run_id}; model {model_uri}"
+    )
+    if as_json:
+        say(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "model_uri": model_uri,
+                    "serving": report["serving"],
+                    "int8_passed": int8["passed"],
+                    "int8_reasons": int8["reasons"],
+                    **flat,
+                }
+            )
+        )
+
+
+@command()
+def predict(
+    model: Annotated[str, typer.Option("--model", help="model folder, runs:/ or models:/ URI")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write predictions to")],
+    records: Annotated[
+        Path | None,
+        typer.Option("--input", help="JSONL records: id, text, image (base64 or a path)"),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="a dataset directory instead of --input")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="with --data: only this split (train, val, test)")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="auto | int8 | fp32 | torch (default: predict.backend)")
+    ] = None,
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict a file of records or a dataset; bad records get an error line, not a crash."""
+    from mmops.serving.batch import predict_to_file, read_records
+    from mmops.serving.predictor import Predictor
+
+    params = load_command_params(params_file, overrides)
+    if (records is None) == (data is None):
+        raise UserError(
+            "give exactly one of --input and --data",
+            "--input FILE.jsonl predicts records; --data DIR [--split S] predicts a dataset",
+        )
+    predictor = Predictor.load(model, backend or params.predict.backend, params.predict)
+    if data is not None:
+        from mmops.data.dataset import load_splits
+
+        frame = load_splits(data, params)
+        if split is not None:
+            frame = frame[frame["split"] == split]
+        rows = frame[["id", "image", "text"]].to_dict("records")
+        summary = predict_to_file(predictor, rows, out, root=data)
+    else:
+        assert records is not None
+        try:
+            # Image paths in a records file are relative to the file.
+            summary = predict_to_file(predictor, read_records(records), out, root=records.parent)
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{records}: not text ({exc.reason} at byte {exc.start})",
+                "--input takes JSONL: one JSON object per line, UTF-8",
+            ) from None
+    say(
+        f"predicted {summary['records']} records ({summary['errors']} errors) with "
+        f"{summary['model']} v{summary['version']} on {summary['backend']}: {out}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))

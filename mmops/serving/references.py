@@ -1,0 +1,83 @@
+"""Model references: a folder, `runs:/<id>/<path>`, `models:/<name>/<version>` or
+`models:/<name>@<alias>`, parsed in one place and resolved to a local folder through MLflow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmops.environment import mlflow_client, tracking_uri
+from mmops.model.storage import META_FILE
+
+RUN_FILE = "mlflow_run.json"
+REGISTRY_SCHEME = "models:/"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a prediction names as its source: a registered model and version, or a folder."""
+
+    name: str
+    version: str
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """A `models:/` reference: a registered model and either a version or an alias."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> RegistryRef | None:
+        """The parts of a `models:/` reference; None for any other kind of reference."""
+        if not ref.startswith(REGISTRY_SCHEME):
+            return None
+        rest = ref.removeprefix(REGISTRY_SCHEME)
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return cls(name, alias=alias)
+        name, _, version = rest.partition("/")
+        return cls(name, version=version or None)
+
+    def at_version(self, version: str) -> str:
+        """The reference pinned to `version` of the same registered model."""
+        return f"{REGISTRY_SCHEME}{self.name}/{version}"
+
+
+def alias_version(name: str, alias: str) -> str:
+    """The version an alias of a registered model points at now."""
+    return str(mlflow_client().get_model_version_by_alias(name, alias).version)
+
+
+def model_identity(model_ref: str, run_id: str | None) -> ModelIdentity:
+    """The registered name and version a `models:/` reference points at (else the run)."""
+    ref = RegistryRef.parse(model_ref)
+    if ref is None:
+        return ModelIdentity(model_ref, run_id or "unknown", run_id)
+    if ref.alias is not None:
+        return ModelIdentity(ref.name, alias_version(ref.name, ref.alias), run_id)
+    return ModelIdentity(ref.name, str(ref.version), run_id)
+
+
+def local_run_id(folder: Path) -> str | None:
+    """The MLflow run a model folder was logged to, from the file training writes beside it."""
+    run_file = folder / RUN_FILE
+    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+
+
+def resolve_model(model_ref: str) -> tuple[Path, str | None]:
+    """A local model folder and its MLflow run id, from a folder, runs:/ or models:/ URI."""
+    import mlflow
+
+    local = Path(model_ref)
+    if (local / META_FILE).is_file():
+        return local, local_run_id(local)
+    mlflow.set_tracking_uri(tracking_uri())
+    run_id = mlflow.models.get_model_info(model_ref).run_id
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref))
+    folder = next(p.parent for p in downloaded.rglob(META_FILE))
+    return folder, run_id

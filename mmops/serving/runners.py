@@ -1,0 +1,108 @@
+"""What runs a collated batch: the torch model or an exported ONNX model, and how fast."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mmops.model.preprocess import MODEL_INPUTS, Collator, Example
+from mmops.model.storage import LoadedModel
+
+EXPORT_FILE = "export.json"
+
+
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+
+class Outputs(NamedTuple):
+    probs: np.ndarray  # (n, classes)
+    image_embeds: np.ndarray
+    text_embeds: np.ndarray
+
+
+class TorchRunner:
+    """Runs the torch model on a collated batch."""
+
+    name = "torch"
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = loaded.model.eval()
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS}
+        output = self.model(**inputs)
+        return Outputs(
+            output.logits.float().softmax(-1).cpu().numpy(),
+            output.image_embeds.float().cpu().numpy(),
+            output.text_embeds.float().cpu().numpy(),
+        )
+
+
+class OnnxRunner:
+    """Runs an exported ONNX model (FP32 or INT8) with ONNX Runtime on a collated batch."""
+
+    def __init__(self, path: Path, name: str, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [
+            p
+            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in ort.get_available_providers()
+        ]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.name = name
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
+        feeds = {name: batch[name].numpy() for name in self.inputs}
+        probs, image_embeds, text_embeds = self.session.run(None, feeds)
+        return Outputs(probs, image_embeds, text_embeds)
+
+
+Runner = TorchRunner | OnnxRunner
+
+
+def run_loader(
+    runner: Runner, batches: Iterable[Mapping[str, torch.Tensor]], num_labels: int = 0
+) -> Outputs:
+    """A runner's outputs over collated batches, concatenated in order."""
+    parts = [runner(batch) for batch in batches]
+    if not parts:
+        return Outputs(np.zeros((0, num_labels)), np.zeros((0, 0)), np.zeros((0, 0)))
+    return Outputs(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+
+
+def measure_latency(
+    runner: Runner, batch: Mapping[str, torch.Tensor], repeats: int
+) -> dict[str, float]:
+    """p50/p95 milliseconds of one batch through `runner`, and examples per second at p50."""
+    for _ in range(3):  # warm-up: first calls allocate and pick kernels
+        runner(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(batch)  # outputs come back as numpy: GPU work has finished when it returns
+        times.append((time.perf_counter() - start) * 1000)
+    p50 = float(np.percentile(times, 50))
+    return {
+        "p50_ms": p50,
+        "p95_ms": float(np.percentile(times, 95)),
+        "throughput_per_s": len(batch["pixel_values"]) / (p50 / 1000),
+    }
+
+
+def cycled_batch(
+    collate: Collator, examples: Sequence[Example], size: int
+) -> dict[str, torch.Tensor]:
+    """A batch of exactly `size` examples, repeating them when there are fewer (for timing)."""
+    return collate([examples[i % len(examples)] for i in range(size)])

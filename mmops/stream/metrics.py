@@ -1,0 +1,78 @@
+"""Prometheus metrics of one consumer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmops.serving.predictor import Predictor
+
+
+class StreamMetrics:
+    """Prometheus metrics of one consumer, in its own registry (several can share a process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.events = Counter(
+            "mmops_stream_events", "Events handled, by outcome", ["outcome"], registry=r
+        )
+        self.dead_letters = Counter(
+            "mmops_stream_dead_letters",
+            "Events sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mmops_stream_batch_size",
+            "Events per micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "mmops_stream_end_to_end_seconds",
+            "From an event's Kafka timestamp to its prediction acknowledged by the broker",
+            buckets=latency_buckets,
+            registry=r,
+        )
+        self.model_latency = Histogram(
+            "mmops_stream_model_seconds",
+            "One predict_batch call",
+            buckets=latency_buckets,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "mmops_stream_consumer_lag",
+            "Events behind the partition's end",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.model = Gauge(
+            "mmops_stream_model_info",
+            "1 for the model version being served",
+            ["name", "version", "backend"],
+            registry=r,
+        )
+        self.swaps = Counter("mmops_stream_model_swaps", "Champion swaps", registry=r)
+        self.errors = Counter(
+            "mmops_stream_errors", "Broker and model errors survived", ["kind"], registry=r
+        )
+        self._server: Any = None
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics on `port` (all interfaces, for a scraper in another container)."""
+        from prometheus_client import start_http_server
+
+        self._server, _ = start_http_server(port, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def set_model(self, predictor: Predictor) -> None:
+        self.model.clear()
+        identity = predictor.identity
+        self.model.labels(identity.name, identity.version, predictor.backend).set(1)

@@ -1,0 +1,51 @@
+"""MLflow runs: the store and experiment, the training loop's tracker, run files and UI links."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from mmops.config import Params
+from mmops.environment import tracking_uri
+from mmops.serving.references import RUN_FILE
+
+
+def configure(params: Params) -> None:
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(params.tracking.experiment)
+
+
+class MlflowTracker:
+    """The training loop's Tracker, writing to the active MLflow run."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    model_uri: str
+    model_dir: Path
+    result: dict[str, Any]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_run_file(folder: Path, run_id: str, model_uri: str) -> None:
+    """Record beside a model folder the MLflow run and logged model it belongs to."""
+    run_info = {"run_id": run_id, "model_uri": model_uri, "tracking_uri": mlflow.get_tracking_uri()}
+    (folder / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")

@@ -1,0 +1,58 @@
+"""The train stage tracked in MLflow: params, data version, dataset, per-epoch metrics, model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+from mmops.config.loader import to_dict
+from mmops.config.sections import Params
+from mmops.tracking.pyfunc import log_pyfunc
+from mmops.tracking.runs import MlflowTracker, TrackedRun, configure, flatten, write_run_file
+
+
+def tracked_train(
+    data_dir: Path | str, params: Params, out_dir: Path | str | None = None, resume: bool = False
+) -> TrackedRun:
+    """Train inside an MLflow run: params, data version, dataset, per-epoch metrics, the model."""
+    from mmops.data.dataset import load_splits
+    from mmops.data.versioning import data_version
+    from mmops.training.train import train
+
+    configure(params)
+    version = data_version(data_dir)
+    frame = load_splits(data_dir, params)  # a dataset that cannot load leaves no failed run
+    with mlflow.start_run(run_name="train", log_system_metrics=True) as run:
+        mlflow.log_params(flatten(to_dict(params)))
+        mlflow.set_tags(
+            {
+                "mmops.stage": "train",
+                "data.path": str(data_dir),
+                "data.md5": version.md5,
+                "data.dvc_md5": str(version.dvc_md5),
+                "data.tracked_by_dvc": str(version.tracked),
+                "git.commit": str(version.git_commit),
+                "git.dirty": str(version.git_dirty),
+            }
+        )
+        dataset = mlflow.data.from_pandas(
+            frame,
+            source=str(Path(data_dir).resolve()),
+            name=Path(data_dir).name,
+            digest=version.md5[:32],
+        )
+        mlflow.log_input(dataset, context="training")
+        result = train(data_dir, params, out_dir, tracker=MlflowTracker(), resume=resume)
+        mlflow.log_metrics(
+            {
+                "best_val_accuracy": result.best_val_accuracy,
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "parameters": result.parameters,
+            }
+        )
+        mlflow.log_dict(result.to_dict(), "train/history.json")
+        info = log_pyfunc(result.model_dir, frame, data_dir)
+        write_run_file(result.model_dir, run.info.run_id, info.model_uri)
+    return TrackedRun(run.info.run_id, info.model_uri, result.model_dir, result.to_dict())
