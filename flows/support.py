@@ -134,4 +134,3 @@ def run_url(run_id: str) -> str:
         base = f"http://{LOOPBACK}:{DEFAULT_MLFLOW_PORT}"
     experiment = mlflow_client().get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-
