@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,6 +27,9 @@ MODEL_HINT = (
 BROKER_HINT = (
     "`mmops up` starts a local broker; otherwise point KAFKA_BOOTSTRAP_SERVERS at a running one"
 )
+
+# Whether the running command prints JSON, so `say` sends messages for a person to stderr.
+_json_output: ContextVar[bool] = ContextVar("mmops_json_output", default=False)
 
 
 class UserError(Exception):
@@ -90,6 +94,8 @@ class ReportingCommand(TyperCommand):
     """
 
     def invoke(self, ctx: typer.Context) -> Any:
+        # With --json, stdout carries the JSON object alone (`mmops ... --json | jq` works).
+        _json_output.set(bool(ctx.params.get("as_json")))
         try:
             return super().invoke(ctx)
         except Exception as exc:
@@ -169,8 +175,4 @@ def load_command_params(path: Path | None, overrides: list[str] | None) -> Param
 
 def say(message: str) -> None:
     """A message for a person: stdout, or stderr when the command prints JSON (`--json`)."""
-    import click
-
-    context = click.get_current_context(silent=True)
-    as_json = bool(context and context.params.get("as_json"))
-    typer.echo(message, err=as_json)
+    typer.echo(message, err=_json_output.get())

@@ -40,7 +40,9 @@ def demo_data(
     seconds = round(time.perf_counter() - start, 2)
     say(f"wrote {n} examples to {manifest} in {seconds}s")
     if as_json:
-        say(json.dumps({"manifest": str(manifest), "n": n, "seed": seed, "seconds": seconds}))
+        typer.echo(
+            json.dumps({"manifest": str(manifest), "n": n, "seed": seed, "seconds": seconds})
+        )
 
 
 @command()

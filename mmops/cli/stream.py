@@ -156,25 +156,12 @@ def stream_demo(
     as_json: JsonOption = False,
 ) -> None:
     """Send a dataset split as events to a running `mmops serve`; print predictions as they come."""
-    from mmops.data.dataset import load_splits
+    from mmops.data.dataset import load_splits, split_rows
     from mmops.stream.replay import dataset_events, replay
 
     params = load_command_params(params_file, overrides)
-    frame = load_splits(data, params)
-    rows = frame[frame["split"] == split].to_dict("records")[:limit]
+    rows = split_rows(load_splits(data, params), split, data).to_dict("records")[:limit]
     events = dataset_events(rows, data)
-
-    def show(result: dict) -> None:
-        if "error" in result:
-            say(f"{result['id']:>12}  dead letter: {result['error']}")
-            return
-        truth = result.get("truth")
-        mark = "" if truth in (None, result["label"]) else f"  (truth {truth})"
-        latency = result["arrived_ms"] - result["event_ts"]
-        say(
-            f"{result['id']:>12}  {result['label']:<10} {max(result['scores'].values()):.3f}  "
-            f"v{result['model']['version']}  {latency:>5} ms{mark}"
-        )
 
     kafka = kafka_client_settings(quiet=True)
     say(
@@ -183,7 +170,12 @@ def stream_demo(
     )
     try:
         summary = replay(
-            events, params.stream, kafka, timeout, None if quiet else show, rate=rate or None
+            events,
+            params.stream,
+            kafka,
+            timeout,
+            None if quiet else _show_result,
+            rate=rate or None,
         )
     except RuntimeError as exc:  # a missing topic, an undelivered event
         raise UserError(str(exc), "`mmops up` or `mmops topics` creates the topics", 1) from None
@@ -236,3 +228,17 @@ def topics(
     for topic in created:
         state = "created" if topic.created else "exists"
         say(f"{topic.name:<24} {state:<8} {topic.partitions} partitions")
+
+
+def _show_result(result: dict) -> None:
+    """One line per answer of `stream-demo`: the prediction and its latency, or the dead letter."""
+    if "error" in result:
+        say(f"{result['id']:>12}  dead letter: {result['error']}")
+        return
+    truth = result.get("truth")
+    mark = "" if truth in (None, result["label"]) else f"  (truth {truth})"
+    latency = result["arrived_ms"] - result["event_ts"]
+    say(
+        f"{result['id']:>12}  {result['label']:<10} {max(result['scores'].values()):.3f}  "
+        f"v{result['model']['version']}  {latency:>5} ms{mark}"
+    )

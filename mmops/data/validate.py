@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -13,7 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from mmops.config import Params
+from mmops.config import Params, ValidateConfig
+from mmops.data.checks import CHECKS, CheckResult
 from mmops.data.dataset import (
     REQUIRED_COLUMNS,
     SPLITS,
@@ -22,72 +22,12 @@ from mmops.data.dataset import (
     find_manifest,
     read_manifest,
 )
-from mmops.data.images import UNSAFE_PATH, ImageInfo, inspect_chunk, is_unsafe_path
+from mmops.data.expectations import run_expectations
+from mmops.data.images import ImageInfo, inspect_chunk, is_unsafe_path
 
 log = logging.getLogger(__name__)
 
-# Every check, in report order; the names are stable (tests, reports and alerts rely on them).
-CHECKS = {
-    "manifest": "the manifest exists and parses",
-    "columns.required": "columns id, image, text and label exist",
-    "types.id": "id values are strings",
-    "types.image": "image values are strings",
-    "types.text": "text values are strings",
-    "types.label": "label values are strings",
-    "types.split": "split values are strings",
-    "types.group": "group values are strings",
-    "id.not_null": "every row has an id",
-    "id.non_empty": "ids are non-empty",
-    "id.unique": "ids are unique",
-    "label.not_null": "every row has a label",
-    "label.in_set": "labels belong to validate.labels",
-    "split.in_set": "split is train, val or test",
-    "text.not_blank": "texts are not blank",
-    "text.length": "text length is within validate.text_min_chars..text_max_chars",
-    "text.missing_rate": "share of rows without text is at most data.max_missing_text_rate",
-    "image.missing_rate": "share of rows without image is at most data.max_missing_image_rate",
-    "image.path_relative": "image paths are relative, without '..'",
-    "image.extension": "image paths end in .png, .jpg or .jpeg",
-    "image.inside_dataset": "image files resolve inside the dataset directory",
-    "image.exists": "image files exist",
-    "image.file_size": "image files are at most validate.image.max_file_mb",
-    "image.format": "image files are PNG or JPEG by content",
-    "image.dimensions": "image sizes are within validate.image limits",
-    "image.decodes": "image files decode completely",
-    "classes.min_examples": "each class has at least validate.min_examples_per_class examples",
-    "classes.in_train": "each class appears in the train split",
-    "classes.balance": "largest / smallest class count is at most validate.max_class_imbalance",
-    "splits.min_size": "each split has at least validate.min_split_size examples",
-    "splits.leakage": "no (image content, text) pair appears in more than one split",
-}
 _PARALLEL_FROM = 2000
-_MAX_LISTED = 20
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    success: bool
-    detail: str = ""
-    ids: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()
-    source: str = "mmops"
-
-    @property
-    def description(self) -> str:
-        return CHECKS[self.name]
-
-    def summary(self) -> str:
-        """One line for a terminal: the detail plus the first offending ids and files."""
-        parts = [self.detail] if self.detail else []
-        for label, items in (("ids", self.ids), ("files", self.files)):
-            if items:
-                shown = ", ".join(items[:_MAX_LISTED])
-                more = (
-                    f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-                )
-                parts.append(f"{label}: {shown}{more}")
-        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -152,121 +92,6 @@ def validate_dataset(root: Path | str, params: Params) -> ValidationReport:
     return ValidationReport(str(root), str(manifest), tuple(checks), stats, gx_result)
 
 
-def build_expectations(columns: Iterable[str], params: Params) -> list:
-    """The GX suite for a manifest with these columns, each expectation tagged with its check."""
-    import great_expectations as gx
-
-    e = gx.expectations
-    v = params.validate
-    columns = set(columns)
-    expectations = [
-        e.ExpectColumnToExist(column=c, meta={"check": "columns.required"})
-        for c in REQUIRED_COLUMNS
-    ]
-
-    def add(column: str, check: str, expectation: type, **kwargs: Any) -> None:
-        if column in columns:
-            expectations.append(expectation(column=column, meta={"check": check}, **kwargs))
-
-    for column in ("id", "image", "text", "label", "split", "group"):
-        add(column, f"types.{column}", e.ExpectColumnValuesToBeOfType, type_="str")
-    add("id", "id.not_null", e.ExpectColumnValuesToNotBeNull)
-    add("id", "id.non_empty", e.ExpectColumnValueLengthsToBeBetween, min_value=1)
-    add("id", "id.unique", e.ExpectColumnValuesToBeUnique)
-    add("label", "label.not_null", e.ExpectColumnValuesToNotBeNull)
-    if v.labels is not None:
-        add("label", "label.in_set", e.ExpectColumnValuesToBeInSet, value_set=list(v.labels))
-    add("split", "split.in_set", e.ExpectColumnValuesToBeInSet, value_set=list(SPLITS))
-    add("text", "text.not_blank", e.ExpectColumnValuesToNotMatchRegex, regex=r"^\s*$")
-    add(
-        "text",
-        "text.length",
-        e.ExpectColumnValueLengthsToBeBetween,
-        min_value=v.text_min_chars,
-        max_value=v.text_max_chars,
-    )
-    add(
-        "text",
-        "text.missing_rate",
-        e.ExpectColumnValuesToNotBeNull,
-        mostly=1.0 - params.data.max_missing_text_rate,
-    )
-    add(
-        "image",
-        "image.missing_rate",
-        e.ExpectColumnValuesToNotBeNull,
-        mostly=1.0 - params.data.max_missing_image_rate,
-    )
-    add("image", "image.path_relative", e.ExpectColumnValuesToNotMatchRegex, regex=UNSAFE_PATH)
-    add("image", "image.extension", e.ExpectColumnValuesToMatchRegex, regex=r"(?i)\.(?:png|jpe?g)$")
-    return expectations
-
-
-def run_expectations(frame: pd.DataFrame, params: Params) -> tuple[list[CheckResult], dict]:
-    """Validate the manifest with Great Expectations; returns our checks and GX's raw result."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=DataContextConfig(
-            analytics_enabled=False,
-            progress_bars=ProgressBarsConfig(globally=False),
-            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        ),
-    )
-    batch = (
-        context.data_sources.add_pandas("dataset")
-        .add_dataframe_asset(name="manifest")
-        .add_batch_definition_whole_dataframe("all_rows")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest"))
-    for expectation in build_expectations(frame.columns, params):
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest", data=batch, suite=suite)
-    )
-    result = definition.run(batch_parameters={"dataframe": frame}, result_format="COMPLETE")
-    ids = frame["id"].map(str).tolist() if "id" in frame else None
-
-    merged: dict[str, list] = {}
-    for r in result.results:
-        merged.setdefault(r.expectation_config.meta["check"], []).append(r)
-    checks = []
-    for name, results in merged.items():
-        rows = sorted({i for r in results for i in r.result.get("unexpected_index_list") or []})
-        details = [_describe_gx(r) for r in results if not r.success]
-        checks.append(
-            CheckResult(
-                name,
-                all(r.success for r in results),
-                "; ".join(d for d in details if d),
-                ids=tuple(ids[i] for i in rows) if ids else (),
-                source="great_expectations",
-            )
-        )
-    return checks, result.to_json_dict()
-
-
-def _describe_gx(result: Any) -> str:
-    info = result.exception_info or {}
-    if info.get("raised_exception"):
-        return f"could not evaluate: {info.get('exception_message')}"
-    config = result.expectation_config
-    column = config.kwargs.get("column")
-    if config.type == "expect_column_to_exist":
-        return f"missing column '{column}'"
-    count = result.result.get("unexpected_count", 0)
-    total = result.result.get("element_count", 0)
-    values = result.result.get("partial_unexpected_list") or []
-    shown = ", ".join(repr(x) for x in values[:5])
-    return f"column '{column}': {count} of {total} rows" + (f" (e.g. {shown})" if shown else "")
-
-
 def inspect_images(root: Path, paths: pd.Series, params: Params) -> dict[str, ImageInfo]:
     """Inspect each distinct, safely relative image path once, in parallel for large datasets."""
     relpaths = sorted({p for p in paths if isinstance(p, str) and p and not is_unsafe_path(p)})
@@ -308,7 +133,6 @@ def dataset_checks(
     frame: pd.DataFrame, images: dict[str, ImageInfo], params: Params, stats: dict[str, Any]
 ) -> list[CheckResult]:
     """Checks across rows: class counts and balance, split sizes, leakage between splits."""
-    v = params.validate
     ids = frame["id"].map(str)
     splits = assign_splits(frame, params.data.split)
     labels = frame["label"].where(frame["label"].map(lambda x: isinstance(x, str)))
@@ -323,55 +147,59 @@ def dataset_checks(
     )
     if "group" in frame:
         stats["groups"] = {str(k): int(n) for k, n in frame["group"].value_counts().items()}
+    return [
+        *_class_checks(counts, labels, splits, params.validate, stats),
+        _split_size_check(split_counts, params.validate),
+        _leakage(frame, ids, splits, images),
+    ]
 
-    checks = []
+
+def _class_checks(
+    counts: pd.Series,
+    labels: pd.Series,
+    splits: pd.Series,
+    v: ValidateConfig,
+    stats: dict[str, Any],
+) -> list[CheckResult]:
     rare = counts[counts < v.min_examples_per_class]
-    checks.append(
-        CheckResult(
-            "classes.min_examples",
-            rare.empty,
-            ", ".join(f"'{k}' has {n}" for k, n in rare.items())
-            + (f" (need {v.min_examples_per_class})" if not rare.empty else ""),
-        )
+    enough = CheckResult(
+        "classes.min_examples",
+        rare.empty,
+        ", ".join(f"'{k}' has {n}" for k, n in rare.items())
+        + (f" (need {v.min_examples_per_class})" if not rare.empty else ""),
     )
     train_labels = set(labels[splits == "train"].dropna())
     missing = [str(k) for k in counts.index if k not in train_labels]
-    checks.append(
-        CheckResult(
-            "classes.in_train",
-            not missing,
-            f"no train examples for {', '.join(missing)}" if missing else "",
-        )
+    in_train = CheckResult(
+        "classes.in_train",
+        not missing,
+        f"no train examples for {', '.join(missing)}" if missing else "",
     )
     ratio = float(counts.max() / counts.min()) if len(counts) else 0.0
     stats["class_imbalance"] = round(ratio, 4)
     balanced = ratio <= v.max_class_imbalance
-    checks.append(
-        CheckResult(
-            "classes.balance",
-            balanced,
-            ""
-            if balanced
-            else f"'{counts.idxmax()}' {counts.max()} vs '{counts.idxmin()}' {counts.min()}: "
-            f"ratio {ratio:.1f} > {v.max_class_imbalance}",
-        )
+    balance = CheckResult(
+        "classes.balance",
+        balanced,
+        ""
+        if balanced
+        else f"'{counts.idxmax()}' {counts.max()} vs '{counts.idxmin()}' {counts.min()}: "
+        f"ratio {ratio:.1f} > {v.max_class_imbalance}",
     )
+    return [enough, in_train, balance]
+
+
+def _split_size_check(split_counts: pd.Series, v: ValidateConfig) -> CheckResult:
     small = {
         s: int(split_counts.get(s, 0))
         for s in SPLITS
         if split_counts.get(s, 0) < getattr(v.min_split_size, s)
     }
-    checks.append(
-        CheckResult(
-            "splits.min_size",
-            not small,
-            ", ".join(
-                f"{s} has {n} (need {getattr(v.min_split_size, s)})" for s, n in small.items()
-            ),
-        )
+    return CheckResult(
+        "splits.min_size",
+        not small,
+        ", ".join(f"{s} has {n} (need {getattr(v.min_split_size, s)})" for s, n in small.items()),
     )
-    checks.append(_leakage(frame, ids, splits, images))
-    return checks
 
 
 def _leakage(

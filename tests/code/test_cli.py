@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops.cli.common import app
+from mmops.cli import app
 
 runner = CliRunner()
 
@@ -26,7 +26,8 @@ def set_args(overrides: tuple[str, ...]) -> list[str]:
 
 
 def last_json(output: str) -> dict:
-    return json.loads(output.strip().splitlines()[-1])
+    """The JSON a `--json` command printed: stdout holds it alone, so `| jq` works."""
+    return json.loads(output)
 
 
 def test_validate_clean_dataset_exits_zero(
@@ -34,8 +35,8 @@ def test_validate_clean_dataset_exits_zero(
 ) -> None:
     result = runner.invoke(app, ["validate", str(demo_dir), *set_args(small_overrides), "--json"])
     assert result.exit_code == 0, result.output
-    assert "FAIL" not in result.stdout
-    assert "400 rows" in result.stdout
+    assert "FAIL" not in result.stdout + result.stderr
+    assert "400 rows" in result.stderr  # messages for a person go to stderr with --json
     report = last_json(result.stdout)
     assert report["success"] is True
     assert report["failed_checks"] == []
@@ -75,11 +76,11 @@ def test_validate_broken_dataset_exits_one_and_names_offenders(
 
     result = runner.invoke(app, ["validate", str(root), *set_args(small_overrides), "--json"])
     assert result.exit_code == 1, result.output
-    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL ")]
+    fails = [line for line in result.stderr.splitlines() if line.startswith("FAIL ")]
     assert len(fails) == 1
     assert fails[0].startswith("FAIL text.not_blank:")
     assert row["id"] in fails[0]
-    assert "NOT fit to train on (1 checks failed)" in result.stdout
+    assert "NOT fit to train on (1 checks failed)" in result.stderr
     report = last_json(result.stdout)
     assert report["success"] is False
     assert report["failed_checks"] == ["text.not_blank"]
@@ -171,3 +172,18 @@ def test_data_version_is_stable_and_tracks_content(tmp_path: Path) -> None:
     changed = last_json(runner.invoke(app, ["data-version", str(out), "--json"]).stdout)
     assert changed["md5"].endswith(".dir")
     assert changed["md5"] != v1["md5"]
+
+
+def test_version_prints_the_package_version() -> None:
+    from mmops import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"mmops {__version__}"
+
+
+def test_without_json_messages_go_to_stdout(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo-data", str(tmp_path / "demo"), "--n", "20"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("wrote 20 examples")
+    assert not result.stderr

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mmops.cli.common import app
+from mmops.cli import app
 from mmops.config import Params
 
 MMOPS = str(Path(sys.executable).parent / "mmops")

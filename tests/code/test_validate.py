@@ -18,7 +18,8 @@ import mmops.data.validate
 from mmops.config import ImageLimits, Params, load_params
 from mmops.data.dataset import hash_split
 from mmops.data.images import inspect_image
-from mmops.data.validate import CHECKS, CheckResult, ValidationReport, validate_dataset
+from mmops.data.checks import CHECKS, CheckResult
+from mmops.data.validate import ValidationReport, validate_dataset
 from mmops.data.validation_report import write_report
 
 # Row 3 of the fixture: hash-split into train (asserted where it matters).
