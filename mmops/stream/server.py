@@ -4,7 +4,8 @@ A `StreamServer` consumes JSON events in a consumer group, runs each micro-batch
 `Predictor.predict_batch`, produces one prediction per good event and sends every bad one, with
 its original bytes, to the dead-letter topic. Offsets are committed only after the broker has
 acknowledged everything the batch produced, so a crash loses nothing and repeats at most the
-uncommitted batch of each partition.
+uncommitted batch of each partition. The bookkeeping is in `batching`, the batch's output in
+`outputs`; this module is the loop and the clients.
 """
 
 from __future__ import annotations
@@ -14,45 +15,23 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from mmops.config import Params, PredictConfig, StreamConfig
-from mmops.serving.predictor import Predictor
+from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
 from mmops.stream.champion import ModelSource
-from mmops.stream.events import EventError, dead_letter_headers, decode_event, prediction_value
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
+from mmops.stream.outputs import DeliveryError, Served, predict_messages, send_outputs
 from mmops.stream.settings import kafka_settings, message_bytes
 
+__all__ = ["DeliveryError", "ServeStats", "StreamServer", "serving_threads"]
+
 log = logging.getLogger(__name__)
-
-
-class DeliveryError(RuntimeError):
-    """The broker did not acknowledge a batch's output; its offsets stay uncommitted."""
-
-
-@dataclass
-class Served:
-    """A predicted batch's output: (message, key, value) predictions and (message, reason,
-    error) dead letters."""
-
-    predictions: list[tuple[Any, bytes, bytes]]
-    dead: list[tuple[Any, str, str]]
-
-
-@dataclass
-class Flight:
-    """A micro-batch on its way: predicted on a worker thread, then sent and committed in turn."""
-
-    batch: list[Any]
-    job: Future[Served]
 
 
 @dataclass
@@ -93,6 +72,9 @@ class StreamServer:
     letters are then sent in order, one batch at a time, and a batch's offsets are committed
     once the broker has acknowledged all it sent, before the next batch is sent. So at most one
     batch is sent and not committed: a crash repeats at most that batch.
+
+    `models`, `consumer_factory` and `producer_factory` replace the champion follower and
+    kafka-python's KafkaConsumer and KafkaProducer (called with their keyword settings).
     """
 
     def __init__(
@@ -101,24 +83,28 @@ class StreamServer:
         model_ref: str | None = None,
         kafka: dict[str, Any] | None = None,
         metrics: StreamMetrics | None = None,
+        *,
+        models: ModelSource | None = None,
+        consumer_factory: Callable[..., Any] | None = None,
+        producer_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.cfg: StreamConfig = params.stream
-        ref = model_ref or f"models:/{params.tracking.registered_model}@champion"
-        predict = serving_threads(params.predict, self.cfg.workers)
-        self.models = ModelSource(ref, predict, self.cfg.model_poll_s)
+        if models is None:
+            ref = model_ref or f"models:/{params.tracking.registered_model}@champion"
+            predict = serving_threads(params.predict, self.cfg.workers)
+            models = ModelSource(ref, predict, self.cfg.model_poll_s)
+        self.models = models
         self.kafka = kafka if kafka is not None else kafka_settings()
         self.metrics = metrics or StreamMetrics()
         self.stats = ServeStats()
+        self._consumer_factory = consumer_factory
+        self._producer_factory = producer_factory
         self._stop = threading.Event()
         self.consumer: Any = None
         self.producer: Any = None
         self._workers: ThreadPoolExecutor | None = None
-        # Owned by the thread in `run`: the batch being collected (and when it closes,
-        # max_wait_ms after its first message) and the batches being predicted, oldest first;
-        # none of them sent yet.
-        self._open: list[Any] = []
-        self._closes_at = 0.0
-        self._flights: deque[Flight] = deque()
+        # Owned by the thread in `run`.
+        self._batches = Batches(self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.workers)
         self._revoked = threading.Event()  # set by the group's listener, on the client's thread
 
     def stop(self) -> None:
@@ -150,51 +136,57 @@ class StreamServer:
         self._workers = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="mmops-predict")
         try:
             self._connect()
-            backoff = 0.5
-            while not self.stopping:
-                if max_events is not None and self.stats.events >= max_events:
-                    break
-                try:
-                    self._step(max_events)
-                    backoff = 0.5
-                except Exception as error:
-                    from kafka.errors import KafkaError
-
-                    if not isinstance(error, KafkaError | DeliveryError):
-                        raise
-                    # The broker is away or refused a batch: nothing unacknowledged was
-                    # committed, so it is all read again once the broker is back.
-                    self.metrics.errors.labels(type(error).__name__).inc()
-                    self.stats.retries += 1
-                    log.warning(
-                        "broker error; retrying the batch",
-                        extra=log_data(
-                            error=f"{type(error).__name__}: {error}", retry_in_s=backoff
-                        ),
-                    )
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
+            self._serve(max_events)
             self._finish()
         finally:
             self._workers.shutdown(cancel_futures=True)
             self._close()
         return self.stats
 
-    def _connect(self) -> None:
+    def _serve(self, max_events: int | None) -> None:
+        from kafka.errors import KafkaError
+
+        backoff = 0.5
+        while not self.stopping:
+            if max_events is not None and self.stats.events >= max_events:
+                break
+            try:
+                self._step(max_events)
+                backoff = 0.5
+            except (KafkaError, DeliveryError) as error:
+                # The broker is away or refused a batch: nothing unacknowledged was
+                # committed, so it is all read again once the broker is back.
+                self.metrics.errors.labels(type(error).__name__).inc()
+                self.stats.retries += 1
+                log.warning(
+                    "broker error; retrying the batch",
+                    extra=log_data(error=f"{type(error).__name__}: {error}", retry_in_s=backoff),
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _clients(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        if self._consumer_factory is not None and self._producer_factory is not None:
+            return self._consumer_factory, self._producer_factory
         from kafka import KafkaConsumer, KafkaProducer
+
+        return self._consumer_factory or KafkaConsumer, self._producer_factory or KafkaProducer
+
+    def _connect(self) -> None:
         from kafka.errors import KafkaError
 
         cfg = self.cfg
+        new_consumer, new_producer = self._clients()
         backoff = 1.0
         while True:
             try:
                 # A dead letter carries its event's bytes, up to max_event_bytes: larger than
                 # the clients' 1 MiB default, which would refuse it and stall the partition.
                 room = message_bytes(cfg)
-                self.producer = self.producer or KafkaProducer(
+                self.producer = self.producer or new_producer(
                     **self.kafka, linger_ms=5, max_request_size=room
                 )
-                self.consumer = KafkaConsumer(
+                self.consumer = new_consumer(
                     **self.kafka,
                     group_id=cfg.group_id,
                     enable_auto_commit=False,
@@ -216,7 +208,7 @@ class StreamServer:
                 log.warning(
                     "cannot reach the Kafka brokers; retrying",
                     extra=log_data(
-                        servers=self.kafka["bootstrap_servers"],
+                        servers=self.kafka.get("bootstrap_servers"),
                         error=str(error),
                         retry_in_s=backoff,
                     ),
@@ -225,7 +217,7 @@ class StreamServer:
                 backoff = min(backoff * 2, 30.0)
 
     def _step(self, max_events: int | None = None) -> None:
-        if not self._flights:
+        if not self._batches.flights:
             self._swap()  # between batches: each event is served by exactly one version
         try:
             # A closed batch goes to a free worker before anything is sent: the workers stay busy
@@ -235,9 +227,9 @@ class StreamServer:
             if max_events is not None and self.stats.events >= max_events:
                 return
             self._dispatch()
-            if len(self._open) >= self.cfg.max_batch:
+            if self._batches.full:
                 # The next batch is ready and every worker busy (or a new champion waits).
-                running = [flight.job for flight in self._flights if not flight.job.done()]
+                running = self._batches.running()
                 futures.wait(running, timeout=0.2, return_when=futures.FIRST_COMPLETED)
                 return
             self._collect()
@@ -261,101 +253,43 @@ class StreamServer:
 
     def _collect(self) -> None:
         """Poll into the open batch: up to max_batch messages, max_wait_ms after its first."""
-        cfg, consumer = self.cfg, self.consumer
-        timeout = 200
-        if self._open:
-            closes_in = self._closes_at - time.monotonic()
-            timeout = max(1, int(closes_in * 1000)) if not self._flights else 5
-        elif self._flights:
-            timeout = 5  # come back soon: a batch in flight may be predicted
-        polled = consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(self._open))
+        batches = self._batches
+        polled = self.consumer.poll(timeout_ms=batches.poll_timeout_ms(), max_records=batches.room)
+        messages = [m for ms in polled.values() for m in ms]
         if self._revoked.is_set():
             # A rebalance inside the poll: partitions that moved are read by their new owner from
             # the committed offset. The client keeps its position in those it still has, so
             # what was polled and not sent is read again from where it starts, in order.
             self._revoked.clear()
-            self._rewind([*self._forget(), *(m for ms in polled.values() for m in ms)])
+            self._rewind([*batches.forget(), *messages])
             return
-        for messages in polled.values():
-            if messages and not self._open:
-                self._closes_at = time.monotonic() + cfg.max_wait_ms / 1000
-            self._open.extend(messages)
-        if not polled and not self._open and not self._flights:
+        batches.add(messages)
+        if not polled and batches.idle:
             self._record_lag()
 
     def _dispatch(self) -> None:
         """Hand the open batch to a worker once it has closed and a worker is free."""
-        cfg = self.cfg
-        if not self._open or self.stopping or self.models.ready:
+        if not self._batches.open or self.stopping or self.models.ready:
             return  # a new champion waits for the batches in flight, then serves this one
-        if len(self._open) < cfg.max_batch and time.monotonic() < self._closes_at:
+        if not self._batches.can_dispatch():
             return
-        if sum(not flight.job.done() for flight in self._flights) >= cfg.workers:
-            return
-        batch, self._open = self._open, []
-        predictor = self.models.current
-        assert predictor is not None and self._workers is not None
+        predictor, workers = self.models.current, self._workers
+        assert predictor is not None and workers is not None
         self.stats.first_event_at = self.stats.first_event_at or time.time()
-        self._flights.append(Flight(batch, self._workers.submit(self._predict, predictor, batch)))
-
-    def _predict(self, predictor: Predictor, batch: Sequence[Any]) -> Served:
-        """A batch's output messages, on a worker thread (it never touches the clients)."""
-        received = time.time()
-        events: list[tuple[Any, dict[str, Any]]] = []
-        dead: list[tuple[Any, str, str]] = []
-        for message in batch:
-            try:
-                events.append((message, decode_event(message.value, self.cfg.max_event_bytes)))
-            except EventError as error:
-                dead.append((message, error.reason, str(error)))
-        start = time.perf_counter()
-        results = predictor.predict_batch([event for _, event in events])
-        self.metrics.model_latency.observe(time.perf_counter() - start)
-        now = time.time()
-        predictions = []
-        for (message, event), result in zip(events, results, strict=True):
-            if "error" in result:
-                dead.append((message, result.get("reason", "invalid_record"), result["error"]))
-                continue
-            value = prediction_value(event, result, received, now)
-            predictions.append((message, value["id"].encode(), orjson.dumps(value, default=str)))
-        return Served(predictions, dead)
+        limit, observe = self.cfg.max_event_bytes, self.metrics.model_latency.observe
+        self._batches.dispatch(
+            lambda batch: workers.submit(predict_messages, predictor, batch, limit, observe)
+        )
 
     def _deliver(self) -> None:
         """Send the predicted batches, oldest first, each acknowledged and committed in turn."""
-        while self._flights and self._flights[0].job.done():
-            self._send(self._flights[0].batch, self._flights[0].job.result())
-            self._flights.popleft()
+        while (flight := self._batches.next_predicted()) is not None:
+            self._send(flight.batch, flight.job.result())
+            self._batches.sent()
 
     def _send(self, batch: Sequence[Any], served: Served) -> None:
         """Send a batch's predictions and dead letters; once all are acknowledged, commit it."""
-        sends = [
-            self.producer.send(self.cfg.output_topic, key=key, value=value)
-            for _, key, value in served.predictions
-        ]
-        for message, reason, error in served.dead:
-            sends.append(
-                self.producer.send(
-                    self.cfg.dead_letter_topic,
-                    key=message.key if message.key is not None or message.value else b"",
-                    value=message.value,
-                    headers=dead_letter_headers(message, reason, error),
-                )
-            )
-            log.warning(
-                "dead letter",
-                extra=log_data(
-                    reason=reason,
-                    error=error,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                ),
-            )
-        self.producer.flush()
-        failed = [f.exception for f in sends if not f.is_done or f.failed()]
-        if failed:
-            raise DeliveryError(f"{len(failed)} of {len(sends)} sends failed: {failed[0]}")
+        send_outputs(self.producer, self.cfg, served)
         acked = time.time()
         for message, _, _ in served.predictions:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
@@ -372,15 +306,13 @@ class StreamServer:
 
     def _commit(self, batch: Sequence[Any]) -> None:
         from kafka.errors import KafkaError
-        from kafka.structs import OffsetAndMetadata
+        from kafka.structs import OffsetAndMetadata, TopicPartition
 
-        assigned = self.consumer.assignment()
-        offsets: dict[Any, Any] = {}
-        for message in batch:
-            if _partition(message) in assigned:  # a revoked partition's owner re-serves it
-                offsets[_partition(message)] = OffsetAndMetadata(message.offset + 1, "", -1)
+        offsets = commit_offsets(batch, self.consumer.assignment())
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(
+                {TopicPartition(*p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+            )
         except KafkaError as error:
             # Commits are cumulative: the next one covers this batch. Until then a restart or
             # the partition's next owner may serve it again (same ids), never skip it.
@@ -390,30 +322,17 @@ class StreamServer:
         self.stats.last_commit_at = time.time()
         self._record_lag()
 
-    def _forget(self) -> list[Any]:
-        """Drop the batches not yet sent (their predictions are never produced); returns their
-        messages, oldest first."""
-        dropped = [m for flight in self._flights for m in flight.batch] + self._open
-        for flight in self._flights:
-            flight.job.cancel()  # one already running finishes; its result is ignored
-        self._flights.clear()
-        self._open = []
-        return dropped
-
     def _abandon(self) -> None:
         """After an error: rewind every partition to its first message not committed."""
-        self._rewind(self._forget())
+        self._rewind(self._batches.forget())
 
     def _rewind(self, messages: Sequence[Any]) -> None:
         """Seek each assigned partition back to its first message in `messages` (in order)."""
-        first: dict[Any, int] = {}
-        for message in messages:
-            first.setdefault(_partition(message), message.offset)
+        from kafka.structs import TopicPartition
+
         try:
-            assigned = self.consumer.assignment()
-            for partition, offset in first.items():
-                if partition in assigned:
-                    self.consumer.seek(partition, offset)
+            for partition, offset in rewind_offsets(messages, self.consumer.assignment()).items():
+                self.consumer.seek(TopicPartition(*partition), offset)
         except Exception as error:  # the consumer itself failed: a new one starts from commits
             log.warning(
                 "could not rewind", extra=log_data(error=f"{type(error).__name__}: {error}")
@@ -422,7 +341,7 @@ class StreamServer:
     def _finish(self) -> None:
         """On the way out: send and commit the batches being predicted (not the open one)."""
         try:
-            futures.wait([flight.job for flight in self._flights])
+            futures.wait([flight.job for flight in self._batches.flights])
             self._deliver()
         except Exception as error:  # not committed: served again after a restart
             log.warning(
@@ -471,9 +390,3 @@ def _rebalance_log(revoked_flag: threading.Event) -> Any:
             log.info("partitions assigned", extra=log_data(partitions=sorted(map(str, assigned))))
 
     return Listener()
-
-
-def _partition(message: Any) -> Any:
-    from kafka.structs import TopicPartition
-
-    return TopicPartition(message.topic, message.partition)

@@ -27,7 +27,7 @@ from kafka.structs import TopicPartition
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops.cli.common import app
+from mmops.cli import app
 from mmops.config import Params, load_params
 from mmops.data.dataset import load_splits
 from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
@@ -564,7 +564,9 @@ def test_up_serve_stream_demo_down(registered: Registered, demo_dir: Path, tmp_p
         assert table.returncode == 0, table.stdout + table.stderr
         assert f"{MODEL} v1" in table.stdout and "30/30 predicted" in table.stdout
         assert summary["versions"] == {f"{MODEL} v1": 30}
-        assert len(demo.stdout.strip().splitlines()) >= 32  # a line per prediction
+        # With --json, stdout is the JSON alone: a line per prediction goes to stderr.
+        assert len(demo.stdout.strip().splitlines()) == 1
+        assert len(demo.stderr.strip().splitlines()) >= 31
         with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics") as r:
             metrics = r.read().decode()
         assert 'mmops_stream_events_total{outcome="predicted"} 30.0' in metrics
