@@ -26,7 +26,9 @@ from mmops.data.dataset import load_splits
 from mmops.data.demo import make_demo_data
 from mmops.model.classifier import MultimodalClassifier, build_encoders
 from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs, train_tokenizer
-from mmops.training.train import Runtime, _loader, train_step
+from mmops.training.loaders import make_loader
+from mmops.training.runtime import Runtime
+from mmops.training.steps import train_step
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ref_train_loop.py"
 # Encoder sizes of the reference's configs (ref_train_loop.make); "tiny" is for CPU smoke tests.
@@ -92,7 +94,7 @@ def ours_with_loader(
     dataset = MultimodalDataset(root, frame, {x: i for i, x in enumerate(labels)}, cfg.image_size)
     runtime = Runtime(device, 0, 1, torch.bfloat16 if mode != "fp32" else None)
     train_cfg = TrainConfig(num_workers=workers, batch_size=batch, augment="none")
-    loader = _loader(
+    loader = make_loader(
         dataset, train_cfg, Collator(tokenizer, cfg.image_size, cfg.max_text_length), runtime, None
     )
     # Loader alone: how many decoded, collated examples per second it can supply.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from mmops.config import Params, load_params
 from mmops.data.dataset import load_splits
 from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs
 from mmops.model.storage import WEIGHTS_FILE, LoadedModel, load_model
+from mmops.training.history import CURVE_COLUMNS, HISTORY_CSV_FILE
+from mmops.training.progress import TrainProgress
 from mmops.training.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, train
 
 # Wall-clock measurements: the only history entries that may differ between identical runs.
@@ -83,10 +86,30 @@ def test_training_writes_model_checkpoint_and_history(
     assert loaded.meta["contrastive"] is True
 
     checkpoint = torch.load(out / CHECKPOINT_FILE, weights_only=False)
-    assert checkpoint["state"]["epoch"] == epochs
+    saved = TrainProgress.from_dict(checkpoint["state"])
+    assert saved.epoch == epochs and saved.best_epoch == trained_run.best_epoch
+    assert saved.history == trained_run.history
     assert json.loads((out / HISTORY_FILE).read_text()) == json.loads(
         json.dumps(trained_run.to_dict())
     )
+
+
+def read_curves(out: Path) -> list[dict[str, str]]:
+    with (out / HISTORY_CSV_FILE).open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_history_csv_has_a_row_of_curves_per_epoch(
+    trained_run: TrainResult, early_stopped: TrainResult
+) -> None:
+    for run in (trained_run, early_stopped):
+        rows = read_curves(run.model_dir.parent)
+
+        assert len(rows) == run.epochs_run
+        assert tuple(rows[0]) == CURVE_COLUMNS
+        assert [int(row["epoch"]) for row in rows] == list(range(1, run.epochs_run + 1))
+        for row, entry in zip(rows, run.history, strict=True):
+            assert {k: float(v) for k, v in row.items()} == {k: entry[k] for k in CURVE_COLUMNS}
 
 
 def test_train_loss_decreases(trained_run: TrainResult) -> None:

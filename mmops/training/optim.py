@@ -1,0 +1,51 @@
+"""AdamW with decoupled decay on weight matrices, and a linear-warmup cosine schedule per step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mmops.config import TrainConfig
+from mmops.training.runtime import Runtime
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, runtime: Runtime
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and its schedule over all `cfg.epochs`, stepped once per batch."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        fused=runtime.device.type == "cuda",
+    )
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(cfg.warmup_ratio * total_steps), total_steps)
+    )
+    return optimizer, scheduler
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into decayed (matrices) and undecayed (vectors) groups."""
+    # No decay on biases, norms and embeddings-like vectors: the usual AdamW practice.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear up over `warmup`, then cosine down to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor

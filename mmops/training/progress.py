@@ -1,0 +1,67 @@
+"""Typed records of a training run: its progress epoch by epoch, and its result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    """Where per-epoch metrics go (MLflow in the CLI; nothing on a bare GPU machine)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class TrainProgress:
+    """Where a run stands after its last finished epoch; the checkpoint keeps it for a resume."""
+
+    epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainProgress:
+        return cls(**saved)
+
+    def record(self, metrics: dict[str, float]) -> bool:
+        """Add the next epoch's metrics; True when its model is the best so far."""
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, **metrics})
+        accuracy, loss = metrics["val_accuracy"], metrics["val_loss"]
+        # Ties in accuracy, common on small val sets, go to the lower loss.
+        improved = accuracy > self.best_val_accuracy or (
+            accuracy == self.best_val_accuracy and loss < self.best_val_loss
+        )
+        if improved:
+            self.best_val_accuracy, self.best_val_loss = accuracy, loss
+            self.best_epoch, self.bad_epochs = self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def out_of_patience(self, patience: int) -> bool:
+        """Whether early stopping (off when `patience` is 0) has run out of epochs to wait."""
+        return bool(patience) and self.bad_epochs >= patience
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    labels: list[str]
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    stopped_early: bool
+    device: str
+    world_size: int
+    parameters: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "model_dir": str(self.model_dir)}
