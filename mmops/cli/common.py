@@ -1,4 +1,4 @@
-"""The `mmops` command line: one thin command per pipeline stage."""
+"""What every command shares: the app, user-error reporting, common options and output helpers."""
 
 from __future__ import annotations
 

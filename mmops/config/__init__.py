@@ -9,6 +9,7 @@ from mmops.config.loader import (
     to_dict,
 )
 from mmops.config.sections import (
+    BACKENDS,
     ConfigError,
     DataConfig,
     DemoDataConfig,
@@ -31,6 +32,7 @@ from mmops.config.sections import (
 )
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_PARAMS_FILE",
     "ConfigError",
     "DataConfig",

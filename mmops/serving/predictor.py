@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmops.config import PredictConfig
+from mmops.config import BACKENDS, PredictConfig
 from mmops.model.preprocess import Collator, Example, image_tensor, open_image
 from mmops.model.storage import META_FILE, load_model
 from mmops.serving.references import ModelIdentity
@@ -30,7 +30,6 @@ from mmops.serving.runners import (
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "int8", "fp32", "torch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
