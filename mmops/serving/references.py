@@ -65,8 +65,23 @@ def model_identity(model_ref: str, run_id: str | None) -> ModelIdentity:
 
 def local_run_id(folder: Path) -> str | None:
     """The MLflow run a model folder was logged to, from the file training writes beside it."""
+    return _run_file(folder).get("run_id")
+
+
+def logged_model_id(model_ref: str) -> str | None:
+    """The MLflow logged model (MLflow 3 `model_id`) a reference points at, if it has one."""
+    import mlflow
+
+    local = Path(model_ref)
+    if (local / META_FILE).is_file():
+        return _run_file(local).get("model_id")
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.models.get_model_info(model_ref).model_id
+
+
+def _run_file(folder: Path) -> dict:
     run_file = folder / RUN_FILE
-    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    return json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
 def resolve_model(model_ref: str) -> tuple[Path, str | None]:

@@ -45,7 +45,17 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def write_run_file(folder: Path, run_id: str, model_uri: str) -> None:
+def write_run_file(folder: Path, run_id: str, model_uri: str, model_id: str | None = None) -> None:
     """Record beside a model folder the MLflow run and logged model it belongs to."""
-    run_info = {"run_id": run_id, "model_uri": model_uri, "tracking_uri": mlflow.get_tracking_uri()}
+    run_info = {
+        "run_id": run_id,
+        "model_uri": model_uri,
+        "model_id": model_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
     (folder / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def run_name(stage: str, data_md5: str) -> str:
+    """An MLflow run name that says the stage and the data version, e.g. `train-ffc43c92`."""
+    return f"{stage}-{data_md5[:8]}"

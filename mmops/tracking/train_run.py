@@ -6,10 +6,16 @@ from pathlib import Path
 
 import mlflow
 
-from mmops.config.loader import to_dict
-from mmops.config.sections import Params
+from mmops.config import Params, to_dict
 from mmops.tracking.pyfunc import log_pyfunc
-from mmops.tracking.runs import MlflowTracker, TrackedRun, configure, flatten, write_run_file
+from mmops.tracking.runs import (
+    MlflowTracker,
+    TrackedRun,
+    configure,
+    flatten,
+    run_name,
+    write_run_file,
+)
 
 
 def tracked_train(
@@ -23,7 +29,8 @@ def tracked_train(
     configure(params)
     version = data_version(data_dir)
     frame = load_splits(data_dir, params)  # a dataset that cannot load leaves no failed run
-    with mlflow.start_run(run_name="train", log_system_metrics=True) as run:
+    name = run_name("train", version.md5)
+    with mlflow.start_run(run_name=name, log_system_metrics=True) as run:
         mlflow.log_params(flatten(to_dict(params)))
         mlflow.set_tags(
             {
@@ -44,15 +51,18 @@ def tracked_train(
         )
         mlflow.log_input(dataset, context="training")
         result = train(data_dir, params, out_dir, tracker=MlflowTracker(), resume=resume)
+        mlflow.log_dict(result.to_dict(), "train/history.json")
+        info = log_pyfunc(result.model_dir, frame, data_dir)
+        # Linked to the logged model (and its dataset), so MLflow's Models view ranks them.
         mlflow.log_metrics(
             {
                 "best_val_accuracy": result.best_val_accuracy,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "parameters": result.parameters,
-            }
+            },
+            model_id=info.model_id,
+            dataset=dataset,
         )
-        mlflow.log_dict(result.to_dict(), "train/history.json")
-        info = log_pyfunc(result.model_dir, frame, data_dir)
-        write_run_file(result.model_dir, run.info.run_id, info.model_uri)
+        write_run_file(result.model_dir, run.info.run_id, info.model_uri, info.model_id)
     return TrackedRun(run.info.run_id, info.model_uri, result.model_dir, result.to_dict())
