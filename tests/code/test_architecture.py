@@ -110,3 +110,19 @@ def test_the_library_reads_no_params_file_at_import() -> None:
                 func = node.value.func
                 name = getattr(func, "attr", getattr(func, "id", ""))
                 assert name not in calls, f"{path}: calls {name} at import"
+
+
+MAX_FUNCTION_LINES = 60
+WHOLE = "# Reads better whole:"
+
+
+def test_long_functions_say_why_they_stay_whole() -> None:
+    too_long = []
+    for path in [*ROOT.glob("mmops/**/*.py"), *ROOT.glob("flows/*.py")]:
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = lines[node.lineno - 1 : node.end_lineno]
+                if len(body) > MAX_FUNCTION_LINES and not any(WHOLE in line for line in body):
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not too_long, f"over {MAX_FUNCTION_LINES} lines without `{WHOLE} ...`: {too_long}"
