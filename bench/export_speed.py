@@ -92,18 +92,18 @@ def main() -> None:
             str(bs): round(latency["torch"][str(bs)] / latency["fp32"][str(bs)], 2)
             for bs in BATCH_SIZES
         },
-        "size_bytes": report["size_bytes"],
-        "size_ratio_int8_vs_fp32": round(report["size_ratio_int8_vs_fp32"], 3),
+        "size_bytes": report.size_bytes,
+        "size_ratio_int8_vs_fp32": round(report.size_ratio_int8_vs_fp32, 3),
         "size_ratio_int8_vs_torch": round(
-            report["size_bytes"]["int8"] / report["size_bytes"]["torch"], 3
+            report.size_bytes["int8"] / report.size_bytes["torch"], 3
         ),
-        "accuracy": {k: round(v, 4) for k, v in report["accuracy"].items()},
+        "accuracy": {k: round(v, 4) for k, v in report.accuracy.items()},
         "accuracy_drop_points_int8": round(
-            100 * (report["accuracy"]["torch"] - report["accuracy"]["int8"]), 2
+            100 * (report.accuracy["torch"] - report.accuracy["int8"]), 2
         ),
-        "int8_agreement": round(report["gates"]["int8"]["agreement"], 4),
-        "int8_gate_passed": report["gates"]["int8"]["passed"],
-        "serving": report["serving"],
+        "int8_agreement": round(report.gates.int8.agreement, 4),
+        "int8_gate_passed": report.gates.int8.passed,
+        "serving": report.serving,
     }
     print(json.dumps(figures))
 

@@ -149,18 +149,19 @@ def main() -> None:
     baseline_s = time.perf_counter() - start
     start = time.perf_counter()
     result = train(root, params, out_dir=work / "train", progress=False)
-    metrics = evaluate_model(result.model_dir, root, params, work / "evaluate")
+    report = evaluate_model(result.model_dir, root, params, work / "evaluate")
+    accuracy = report.classification.accuracy
     mmops_s = time.perf_counter() - start
     print(
         json.dumps(
             {
                 "bench": "unseen_dataset",
                 "rows": args.n,
-                "mmops_test_accuracy": round(metrics["accuracy"], 4),
-                "mmops_image_only": round(metrics["ablation"]["image_only"], 4),
-                "mmops_text_only": round(metrics["ablation"]["text_only"], 4),
+                "mmops_test_accuracy": round(accuracy, 4),
+                "mmops_image_only": round(report.ablation.image_only, 4),
+                "mmops_text_only": round(report.ablation.text_only, 4),
                 "mlp_test_accuracy": round(baseline, 4),
-                "ratio_mmops_vs_mlp": round(metrics["accuracy"] / max(baseline, 1e-9), 3),
+                "ratio_mmops_vs_mlp": round(accuracy / max(baseline, 1e-9), 3),
                 "mmops_seconds": round(mmops_s, 1),
                 "mlp_seconds": round(baseline_s, 1),
             }

@@ -18,12 +18,16 @@ from prefect.schedules import Cron
 from mmops.config import Params, resolve_params
 from mmops.data.validate import DatasetRejected, validate_dataset
 from mmops.data.versioning import data_version
+from mmops.evaluation.records import EvaluationReport
+from mmops.export.records import ExportReport
 from mmops.tracking import registry
 from mmops.tracking.evaluate_run import tracked_evaluate
 from mmops.tracking.export_run import tracked_export
+from mmops.tracking.gate import Verdict
 from mmops.tracking.train_run import tracked_train
 from mmops_flows.support import (
     TRANSIENT,
+    RetrainResult,
     mmops_logs_to_prefect,
     name_flow_run,
     run_folder,
@@ -56,15 +60,16 @@ def train(data_dir: str, params: Params, out: str) -> dict[str, Any]:
 
 
 @task(**TRANSIENT, timeout_seconds=2 * HOUR)
-def evaluate(model_dir: str, data_dir: str, params: Params, out: str) -> dict[str, Any]:
-    metrics, _ = tracked_evaluate(model_dir, data_dir, params, Path(out) / "evaluate")
-    return metrics
+def evaluate(model_dir: str, data_dir: str, params: Params, out: str) -> EvaluationReport:
+    report, _ = tracked_evaluate(model_dir, data_dir, params, Path(out) / "evaluate")
+    return report
 
 
 @task(**TRANSIENT, timeout_seconds=2 * HOUR)
-def export(model_dir: str, data_dir: str, params: Params, out: str) -> dict[str, Any]:
+def export(model_dir: str, data_dir: str, params: Params, out: str) -> tuple[ExportReport, str]:
+    """The export report, and the URI of the serving model logged to the training run."""
     report, _, model_uri = tracked_export(model_dir, data_dir, params, Path(out) / "export")
-    return {**report, "model_uri": model_uri}
+    return report, model_uri
 
 
 @task(**TRANSIENT, timeout_seconds=15 * MINUTE)
@@ -75,9 +80,8 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 @task(**TRANSIENT, timeout_seconds=HOUR)
 def gate_and_promote(
     name: str, version: str, data_dir: str, params: Params, reason: str
-) -> dict[str, Any]:
-    verdict, promoted = registry.gate_and_promote(name, version, data_dir, params, reason)
-    return {"verdict": verdict.to_dict(), "promoted": promoted, "table": verdict.table()}
+) -> tuple[Verdict, bool]:
+    return registry.gate_and_promote(name, version, data_dir, params, reason)
 
 
 @flow(name="retrain_and_evaluate", log_prints=True)
@@ -86,7 +90,7 @@ def retrain_and_evaluate(
     params_file: str | None = None,
     overrides: list[str] | None = None,
     out_dir: str | None = None,
-) -> dict[str, Any]:
+) -> RetrainResult:
     """Retrain on the data, evaluate, export, register, and promote only past the gate."""
     with mmops_logs_to_prefect():
         params = resolve_params(params_file, overrides or [])
@@ -102,30 +106,32 @@ def retrain_and_evaluate(
             key="mlflow-run",
             description="The training run: parameters, curves, model, evaluation and export",
         )
-        metrics = evaluate(trained["model_dir"], data_dir, params, out)
-        exported = export(trained["model_dir"], data_dir, params, out)
-        tags = registry.registration_tags(version_info, metrics, exported, trained["run_id"])
-        version = register(exported["model_uri"], name, tags)
-        decision = gate_and_promote(name, version, data_dir, params, "retrain flow: gate passed")
-        result = {
-            "model": name,
-            "version": version,
-            "run_id": trained["run_id"],
-            "data_md5": version_info["md5"],
-            "promoted": decision["promoted"],
-            "gate": {k: decision["verdict"][k] for k in ("passed", "reasons", "p_value")},
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "serving": exported["serving"],
-            "champion": registry.champion_version(name),
-        }
+        evaluation = evaluate(trained["model_dir"], data_dir, params, out)
+        exported, model_uri = export(trained["model_dir"], data_dir, params, out)
+        tags = registry.registration_tags(
+            version_info, evaluation.classification, exported, trained["run_id"]
+        )
+        version = register(model_uri, name, tags)
+        verdict, promoted = gate_and_promote(
+            name, version, data_dir, params, "retrain flow: gate passed"
+        )
+        result = RetrainResult(
+            model=name,
+            version=version,
+            run_id=trained["run_id"],
+            data_md5=version_info["md5"],
+            promoted=promoted,
+            verdict=verdict,
+            evaluation=evaluation,
+            serving=exported.serving,
+            champion=registry.champion_version(name),
+        )
         create_markdown_artifact(
             key="retrain-summary",
-            markdown=summary_markdown(result, metrics, decision["table"]),
+            markdown=summary_markdown(result),
             description="Evaluation summary and challenger versus champion",
         )
-        promoted = "promoted" if decision["promoted"] else "not promoted"
-        get_run_logger().info("v%s %s", version, promoted)
+        get_run_logger().info("v%s %s", version, "promoted" if promoted else "not promoted")
         return result
 
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mmops.data.validate import DatasetRejected
 from mmops.environment import mlflow_client, tracking_uri
+from mmops.evaluation.records import EvaluationReport
 from mmops.local.stack import DEFAULT_MLFLOW_PORT, LOOPBACK
+from mmops.tracking.gate import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +67,68 @@ def run_folder(out_dir: str | Path | None) -> str:
     return str(Path("runs") / stamp)
 
 
-def summary_markdown(result: dict[str, Any], metrics: dict[str, Any], table: str) -> str:
+@dataclass(frozen=True)
+class RetrainResult:
+    """What one run of the flow did: the version it registered, the gate's verdict, the test
+    figures and where the champion is now."""
+
+    model: str
+    version: str
+    run_id: str
+    data_md5: str
+    promoted: bool
+    verdict: Verdict
+    evaluation: EvaluationReport
+    serving: str
+    champion: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `mmops retrain --json` prints."""
+        quality = self.evaluation.classification
+        return {
+            "model": self.model,
+            "version": self.version,
+            "run_id": self.run_id,
+            "data_md5": self.data_md5,
+            "promoted": self.promoted,
+            "gate": {
+                "passed": self.verdict.passed,
+                "reasons": list(self.verdict.reasons),
+                "p_value": self.verdict.p_value,
+            },
+            "accuracy": quality.accuracy,
+            "macro_f1": quality.macro_f1,
+            "serving": self.serving,
+            "champion": self.champion,
+        }
+
+
+def summary_markdown(result: RetrainResult) -> str:
     """The run's Prefect artifact: evaluation summary and challenger versus champion."""
-    gate = result["gate"]
-    verdict = "passed" if gate["passed"] else "rejected: " + "; ".join(gate["reasons"])
-    ablation = metrics.get("ablation", {})
+    verdict = result.verdict
+    gate = "passed" if verdict.passed else "rejected: " + "; ".join(verdict.reasons)
+    quality, ablation = result.evaluation.classification, result.evaluation.ablation
     lines = [
-        f"# {result['model']} v{result['version']}: "
-        + ("promoted to champion" if result["promoted"] else "not promoted"),
+        f"# {result.model} v{result.version}: "
+        + ("promoted to champion" if result.promoted else "not promoted"),
         "",
-        f"- gate: {verdict}",
-        f"- champion now: v{result['champion']}",
-        f"- data md5 {result['data_md5']}, training run {result['run_id']}",
-        f"- serving artifact: {result['serving']}",
+        f"- gate: {gate}",
+        f"- champion now: v{result.champion}",
+        f"- data md5 {result.data_md5}, training run {result.run_id}",
+        f"- serving artifact: {result.serving}",
         "",
         "## Evaluation (test split)",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| accuracy | {metrics['accuracy']:.4f} |",
-        f"| macro-F1 | {metrics['macro_f1']:.4f} |",
-        f"| image only | {ablation.get('image_only', float('nan')):.4f} |",
-        f"| text only | {ablation.get('text_only', float('nan')):.4f} |",
+        f"| accuracy | {quality.accuracy:.4f} |",
+        f"| macro-F1 | {quality.macro_f1:.4f} |",
+        f"| image only | {ablation.image_only:.4f} |",
+        f"| text only | {ablation.text_only:.4f} |",
         "",
         "## Challenger versus champion",
         "",
-        table,
+        verdict.table(),
     ]
     return "\n".join(lines) + "\n"
 

@@ -84,18 +84,18 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate a model on the test split; log the report to its MLflow run."""
-    from mmops.evaluation.evaluate import flat_metrics
+    from mmops.evaluation.metrics import flat_metrics
     from mmops.tracking.evaluate_run import tracked_evaluate
 
     params = load_command_params(params_file, overrides)
-    results, run_id = tracked_evaluate(model, data, params, out)
-    flat = flat_metrics(results)
+    report, run_id = tracked_evaluate(model, data, params, out)
+    flat = flat_metrics(report)
     if metrics is not None:
         write_json(metrics, flat)
-    ablation = results["ablation"]
+    quality, ablation = report.classification, report.ablation
     say(
-        f"test accuracy {results['accuracy']:.4f}, macro-F1 {results['macro_f1']:.4f}; "
-        f"image only {ablation['image_only']:.4f}, text only {ablation['text_only']:.4f}; "
+        f"test accuracy {quality.accuracy:.4f}, macro-F1 {quality.macro_f1:.4f}; "
+        f"image only {ablation.image_only:.4f}, text only {ablation.text_only:.4f}; "
         f"run {run_id}"
     )
     if as_json:
@@ -115,7 +115,7 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Export to ONNX, quantize to INT8, gate INT8 against the torch model; log to MLflow."""
-    from mmops.export.exporter import export_metrics
+    from mmops.export.records import export_metrics
     from mmops.tracking.export_run import tracked_export
 
     params = load_command_params(params_file, overrides)
@@ -123,21 +123,21 @@ def export(
     flat = export_metrics(report)
     if metrics is not None:
         write_json(metrics, flat)
-    int8 = report["gates"]["int8"]
-    verdict = "passed" if int8["passed"] else "rejected: " + "; ".join(int8["reasons"])
+    int8 = report.gates.int8
+    verdict = "passed" if int8.passed else "rejected: " + "; ".join(int8.reasons)
     say(
-        f"exported: serving {report['serving']}; INT8 gate {verdict}; INT8 size "
-        f"{report['size_ratio_int8_vs_fp32']:.2f}x FP32; run {run_id}; model {model_uri}"
+        f"exported: serving {report.serving}; INT8 gate {verdict}; INT8 size "
+        f"{report.size_ratio_int8_vs_fp32:.2f}x FP32; run {run_id}; model {model_uri}"
     )
     if as_json:
-        say(
+        typer.echo(
             json.dumps(
                 {
                     "run_id": run_id,
                     "model_uri": model_uri,
-                    "serving": report["serving"],
-                    "int8_passed": int8["passed"],
-                    "int8_reasons": int8["reasons"],
+                    "serving": report.serving,
+                    "int8_passed": int8.passed,
+                    "int8_reasons": int8.reasons,
                     **flat,
                 }
             )

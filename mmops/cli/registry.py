@@ -53,15 +53,16 @@ def retrain(
         if as_json:
             typer.echo(json.dumps({"promoted": False, "error": str(exc)}))
         raise typer.Exit(1) from None
-    gate = result["gate"]
+    verdict = result.verdict
     say(
-        f"{result['model']} v{result['version']}: accuracy {result['accuracy']:.4f}; gate "
-        + ("passed" if gate["passed"] else "rejected (" + "; ".join(gate["reasons"]) + ")")
-        + f"; {'promoted' if result['promoted'] else 'not promoted'}; "
-        f"champion {'v' + result['champion'] if result['champion'] else 'none'}"
+        f"{result.model} v{result.version}: accuracy "
+        f"{result.evaluation.classification.accuracy:.4f}; gate "
+        + ("passed" if verdict.passed else "rejected (" + "; ".join(verdict.reasons) + ")")
+        + f"; {'promoted' if result.promoted else 'not promoted'}; "
+        f"champion {'v' + result.champion if result.champion else 'none'}"
     )
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result.to_dict()))
 
 
 @command()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmops.config import SplitRatios
-from mmops.config.sections import Params
+from mmops.config import Params, SplitRatios
 
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "manifest.parquet")
 REQUIRED_COLUMNS = ("id", "image", "text", "label")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from mmops.config.sections import Params
+from mmops.config import Params
 from mmops.data.checks import CheckResult
 from mmops.data.dataset import REQUIRED_COLUMNS, SPLITS
 from mmops.data.images import UNSAFE_PATH

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from mmops.config.sections import PredictConfig
+from mmops.config import PredictConfig
 from mmops.serving.predictor import Predictor
+from mmops.serving.references import RegistryRef, alias_version
 from mmops.stream.logs import log_data
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class ModelSource:
         self.model_ref = model_ref
         self.config = config
         self.poll_s = poll_s
-        alias = model_ref.startswith("models:/") and "@" in model_ref
+        self.registry_ref = RegistryRef.parse(model_ref)
+        alias = self.registry_ref is not None and self.registry_ref.alias is not None
         self.follow = alias if follow is None else follow and alias
         self.current: Predictor | None = None
         self._pending: Predictor | None = None
@@ -65,16 +67,14 @@ class ModelSource:
             self._thread.join(timeout=5)
 
     def _resolve(self) -> str:
-        from mlflow import MlflowClient
-
-        from mmops.environment import tracking_uri
-
-        name, alias = self.model_ref.removeprefix("models:/").split("@", 1)
-        return str(MlflowClient(tracking_uri()).get_model_version_by_alias(name, alias).version)
+        ref = self.registry_ref
+        assert ref is not None and ref.alias is not None  # only an alias is followed
+        return alias_version(ref.name, ref.alias)
 
     def _load(self, version: str) -> Predictor:
-        name = self.model_ref.removeprefix("models:/").split("@", 1)[0]
-        return Predictor.load(f"models:/{name}/{version}", self.config.backend, self.config)
+        assert self.registry_ref is not None
+        pinned = self.registry_ref.at_version(version)
+        return Predictor.load(pinned, self.config.backend, self.config)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):

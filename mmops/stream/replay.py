@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mmops.config.sections import StreamConfig
+from mmops.config import StreamConfig
 from mmops.stream.events import DEAD_LETTER_HEADER
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mmops.config.sections import StreamConfig
+from mmops.config import StreamConfig
 from mmops.local.stack import DEFAULT_BOOTSTRAP
 
 # Environment variable -> kafka-python setting; credentials never live in params.yaml or code.

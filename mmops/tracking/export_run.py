@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import mlflow
 
-from mmops.config.sections import Params
-from mmops.export.exporter import export_metrics
+from mmops.config import Params
+from mmops.export.records import ExportReport, export_metrics
 from mmops.serving.references import resolve_model
 from mmops.tracking.pyfunc import log_pyfunc
-from mmops.tracking.runs import configure, write_run_file
+from mmops.tracking.runs import configure, standalone_run_name, write_run_file
 
 
 def tracked_export(
     model_ref: str, data_dir: Path | str, params: Params, out_dir: Path | str | None = None
-) -> tuple[dict[str, Any], str | None, str]:
+) -> tuple[ExportReport, str | None, str]:
     """Export and gate; log both ONNX models, the verdict and figures, and the serving model.
 
     Everything goes to the training run, and the export folder is logged there as a second
@@ -30,13 +29,13 @@ def tracked_export(
     configure(params)
     out = Path(out_dir or params.export.out_dir)
     report = export_model(folder, data_dir, params, out)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "export") as run:
-        mlflow.log_metrics(export_metrics(report))
+    name = None if run_id else standalone_run_name("export", data_dir)
+    with mlflow.start_run(run_id=run_id, run_name=name) as run:
         mlflow.set_tags(
             {
-                "export.serving": report["serving"],
-                "export.int8_passed": str(report["gates"]["int8"]["passed"]),
-                "export.int8_reasons": "; ".join(report["gates"]["int8"]["reasons"]) or "none",
+                "export.serving": report.serving,
+                "export.int8_passed": str(report.gates.int8.passed),
+                "export.int8_reasons": "; ".join(report.gates.int8.reasons) or "none",
             }
         )
         mlflow.log_artifact(str(out / EXPORT_FILE), artifact_path="export")
@@ -44,5 +43,7 @@ def tracked_export(
             mlflow.log_artifact(str(out / name), artifact_path="export")
         frame = load_splits(data_dir, params)
         info = log_pyfunc(out, frame, data_dir, name="serving")
-        write_run_file(out, run.info.run_id, info.model_uri)
+        # Linked to the serving model, the one a registered version points at.
+        mlflow.log_metrics(export_metrics(report), model_id=info.model_id)
+        write_run_file(out, run.info.run_id, info.model_uri, info.model_id)
     return report, run.info.run_id, info.model_uri

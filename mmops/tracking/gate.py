@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
-from mmops.config.sections import GateConfig, Params
+from mmops.config import GateConfig, Params
 from mmops.data.dataset import split_rows
 
 
@@ -65,13 +64,6 @@ class Verdict:
     challenger: Score
     champion: Score | None
     p_value: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("challenger", "champion"):
-            if out[key] is not None:
-                out[key].pop("correct")
-        return out
 
     def table(self) -> str:
         """Challenger against champion, as a Markdown table."""
@@ -132,7 +124,6 @@ def mcnemar_p(ours: list[bool], theirs: list[bool]) -> float:
     """One-sided exact McNemar p-value that `ours` is right more often than `theirs`."""
     a, b = np.asarray(ours, bool), np.asarray(theirs, bool)
     wins, losses = int((a & ~b).sum()), int((~a & b).sum())
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return float(sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n)
+    if wins + losses == 0:
+        return 1.0  # no discordant pair: no evidence either way (binomtest needs n >= 1)
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)

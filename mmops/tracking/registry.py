@@ -25,7 +25,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmops.config import Params
-from mmops.environment import tracking_uri
+from mmops.environment import mlflow_client, tracking_uri
+from mmops.evaluation.records import ClassificationMetrics
+from mmops.export.records import ExportReport
 from mmops.tracking.gate import Verdict, gate, score
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "mmops.champion_history"
 _HISTORY_KEEP = 30  # entries in the registered-model tag; version tags keep the rest
+# Tag values cut below 5000 characters: MLflow's SQL stores hold registered-model tags in
+# VARCHAR(5000), and version tags too on schemas older than its tag-limit migration.
+TAG_VALUE_LIMIT = 4900
 
 
 class RegistryError(RuntimeError):
@@ -41,7 +46,7 @@ class RegistryError(RuntimeError):
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri())
+    return mlflow_client()
 
 
 def champion_version(name: str) -> str | None:
@@ -58,8 +63,20 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 
     mlflow.set_tracking_uri(tracking_uri())
     version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    client().update_model_version(name, version, description=version_description(tags))
     client().set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def version_description(tags: dict[str, str]) -> str:
+    """What the registry UI shows for a version: its test figures, data, code and serving."""
+    return (
+        f"test accuracy {tags.get('test.accuracy', '?')}, "
+        f"macro-F1 {tags.get('test.macro_f1', '?')}; "
+        f"data md5 {tags.get('data.dvc_md5') or tags.get('data.md5', '?')}, "
+        f"git {tags.get('git.commit', '?')}; serving {tags.get('export.serving', '?')}; "
+        f"training run {tags.get('train.run_id', '?')}"
+    )
 
 
 def gate_and_promote(
@@ -199,8 +216,7 @@ def _move_champion(name: str, version: str, reason: str, action: str) -> None:
 def _record_verdict(name: str, version: str, verdict: Verdict) -> None:
     c = client()
     c.set_model_version_tag(name, version, "mmops.gate.passed", str(verdict.passed))
-    reasons = "; ".join(verdict.reasons) or "none"
-    c.set_model_version_tag(name, version, "mmops.gate.reasons", reasons[:4900])
+    c.set_model_version_tag(name, version, "mmops.gate.reasons", reasons_tag(verdict.reasons))
     champion = verdict.champion.version if verdict.champion else "none"
     c.set_model_version_tag(name, version, "mmops.gate.champion", champion)
     c.set_model_version_tag(
@@ -230,19 +246,26 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def reasons_tag(reasons: list[str]) -> str:
+    """Reasons as one tag value: joined by "; ", "none" when empty, cut to MLflow's limit."""
+    return ("; ".join(reasons) or "none")[:TAG_VALUE_LIMIT]
+
+
 def registration_tags(
-    data_version: dict[str, Any], metrics: dict[str, Any], export: dict[str, Any], run_id: str
+    data_version: dict[str, Any],
+    quality: ClassificationMetrics,
+    export: ExportReport,
+    run_id: str,
 ) -> dict[str, str]:
     """Tags of a new model version: data version, git commit, key metrics, export verdict."""
-    int8 = export["gates"]["int8"]
     return {
         "data.md5": str(data_version["md5"]),
         "data.dvc_md5": str(data_version.get("dvc_md5")),
         "git.commit": str(data_version.get("git_commit")),
         "train.run_id": run_id,
-        "test.accuracy": f"{metrics['accuracy']:.6f}",
-        "test.macro_f1": f"{metrics['macro_f1']:.6f}",
-        "export.serving": str(export["serving"]),
-        "export.int8_passed": str(int8["passed"]),
-        "export.int8_reasons": ("; ".join(int8["reasons"]) or "none")[:4900],
+        "test.accuracy": f"{quality.accuracy:.6f}",
+        "test.macro_f1": f"{quality.macro_f1:.6f}",
+        "export.serving": export.serving,
+        "export.int8_passed": str(export.gates.int8.passed),
+        "export.int8_reasons": reasons_tag(export.gates.int8.reasons),
     }

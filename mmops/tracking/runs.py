@@ -59,3 +59,10 @@ def write_run_file(folder: Path, run_id: str, model_uri: str, model_id: str | No
 def run_name(stage: str, data_md5: str) -> str:
     """An MLflow run name that says the stage and the data version, e.g. `train-ffc43c92`."""
     return f"{stage}-{data_md5[:8]}"
+
+
+def standalone_run_name(stage: str, data_dir: Path | str) -> str:
+    """The name of a stage's own run (a model with no training run to log to)."""
+    from mmops.data.versioning import data_version
+
+    return run_name(stage, data_version(data_dir).md5)

@@ -126,3 +126,13 @@ def test_long_functions_say_why_they_stay_whole() -> None:
                 if len(body) > MAX_FUNCTION_LINES and not any(WHOLE in line for line in body):
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not too_long, f"over {MAX_FUNCTION_LINES} lines without `{WHOLE} ...`: {too_long}"
+
+
+def test_readme_layout_lists_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("## Benchmarks")]
+    modules = [
+        p for p in [*ROOT.glob("mmops/**/*.py"), *ROOT.glob("flows/*.py")] if p.stem[0] != "_"
+    ]
+    missing = [str(p.relative_to(ROOT)) for p in modules if f" {p.name} " not in layout]
+    assert not missing, f"README.md Layout does not list {missing}"

@@ -7,8 +7,10 @@ import sqlite3
 import pytest
 
 from mmops.config import GateConfig
+from mmops.evaluation.records import ClassificationMetrics
+from mmops.export.records import ExportReport, Gates, ParityResult
 from mmops.tracking.gate import Score, gate, mcnemar_p
-from mmops.tracking.registry import registration_tags
+from mmops.tracking.registry import TAG_VALUE_LIMIT, reasons_tag, registration_tags
 from mmops_flows.support import is_transient_error
 
 
@@ -75,13 +77,32 @@ def test_transient_errors_are_retried_and_data_errors_are_not() -> None:
     assert not is_transient_error(ValueError("bad params"))
 
 
+def parity_result(candidate: str, reasons: list[str]) -> ParityResult:
+    return ParityResult(candidate, not reasons, reasons, 0.97, 0.0, 0.0, {})
+
+
 def test_registration_tags_carry_data_code_metrics_and_verdict() -> None:
+    export = ExportReport(
+        serving="fp32",
+        attention="fused",
+        gates=Gates(fp32=parity_result("fp32", []), int8=parity_result("int8", ["agrees 0.97"])),
+        accuracy={},
+        size_bytes={},
+        latency={},
+        test_examples=0,
+    )
     tags = registration_tags(
         {"md5": "abc.dir", "dvc_md5": None, "git_commit": "deadbeef"},
-        {"accuracy": 0.91, "macro_f1": 0.9},
-        {"serving": "fp32", "gates": {"int8": {"passed": False, "reasons": ["agrees 0.97"]}}},
+        ClassificationMetrics(accuracy=0.91, macro_f1=0.9, per_class={}, confusion_matrix=[]),
+        export,
         "run123",
     )
     assert tags["data.md5"] == "abc.dir" and tags["git.commit"] == "deadbeef"
     assert tags["test.accuracy"] == "0.910000" and tags["train.run_id"] == "run123"
     assert tags["export.int8_passed"] == "False" and tags["export.int8_reasons"] == "agrees 0.97"
+
+
+def test_tag_values_are_cut_to_mlflows_limit() -> None:
+    assert reasons_tag([]) == "none"
+    assert reasons_tag(["a", "b"]) == "a; b"
+    assert len(reasons_tag(["x" * 6000])) == TAG_VALUE_LIMIT

@@ -16,9 +16,9 @@ from PIL import Image
 
 import mmops.data.validate
 from mmops.config import ImageLimits, Params, load_params
+from mmops.data.checks import CHECKS, CheckResult
 from mmops.data.dataset import hash_split
 from mmops.data.images import inspect_image
-from mmops.data.checks import CHECKS, CheckResult
 from mmops.data.validate import ValidationReport, validate_dataset
 from mmops.data.validation_report import write_report
 

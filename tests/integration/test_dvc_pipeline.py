@@ -148,8 +148,13 @@ def test_full_pipeline_train_evaluate_export(clone: Path) -> None:
     assert 0.0 <= evaluation["accuracy"] <= 1.0 and "ablation.image_only" in evaluation
     assert (clone / "reports/evaluate/confusion_matrix.png").is_file()
     assert (clone / "mlflow.db").is_file()
-    shown = run(["dvc", "plots", "show", "--json"], clone).stdout
-    assert "confusion_matrix.png" in shown
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], clone).stdout)["data"]
+    assert "reports/evaluate/confusion_matrix.png" in shown
+    # Plots as data too: curves per epoch, confusion per example, calibration per bin.
+    for plot in ("loss", "accuracy", "confusion", "calibration"):
+        assert shown[plot][0]["content"]["data"]["values"], plot
+    assert (clone / "models/train/history.csv").is_file()
+    assert (clone / "reports/evaluate/confusion.csv").is_file()
     export = json.loads((clone / "models/export/export.json").read_text())
     assert export["serving"] in ("int8", "fp32", "torch")
     exported = json.loads((clone / "metrics/export.json").read_text())

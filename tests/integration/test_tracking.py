@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mmops.cli.common import app
+from mmops.cli import app
 from mmops.config import load_params, to_dict
 from mmops.data.dataset import read_manifest
 from mmops.data.versioning import data_version

@@ -15,11 +15,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmops.cli.common import app
+from mmops.cli import app
 from mmops.config import ExportConfig, Params, PredictConfig
 from mmops.data.dataset import load_splits
 from mmops.evaluation.evaluate import evaluate_model
-from mmops.export.exporter import export_model, parity
+from mmops.export.exporter import export_model
+from mmops.export.parity import parity
+from mmops.export.records import ExportReport
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import EXPORT_FILE, ONNX_FILES, Outputs
 from mmops.training.train import TrainResult
@@ -31,7 +33,7 @@ def exported(
     demo_dir: Path,
     train_params: Params,
     tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[ExportReport, Path]:
     out = tmp_path_factory.mktemp("export") / "model"
     return export_model(trained_run.model_dir, demo_dir, train_params, out), out
 
@@ -48,25 +50,37 @@ def png_bytes(size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def test_export_writes_both_models_and_the_verdict(exported: tuple[dict[str, Any], Path]) -> None:
+def test_export_writes_both_models_and_the_verdict(exported: tuple[ExportReport, Path]) -> None:
     report, out = exported
 
     for name in ONNX_FILES.values():
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / EXPORT_FILE).read_text()) == report
-    assert report["size_bytes"]["int8"] < report["size_bytes"]["fp32"]
-    assert set(report["latency"]) == {"torch", "fp32", "int8"}
-    assert set(report["latency"]["int8"]) == {"1", "8", "32"}
-    gates = report["gates"]
-    expected = "int8" if gates["int8"]["passed"] else "fp32" if gates["fp32"]["passed"] else "torch"
-    assert report["serving"] == expected
+    written = json.loads((out / EXPORT_FILE).read_text())
+    assert written == json.loads(json.dumps(report.to_dict()))
+    assert set(written) == {
+        "serving",
+        "attention",
+        "gates",
+        "accuracy",
+        "size_bytes",
+        "latency",
+        "test_examples",
+        "size_ratio_int8_vs_fp32",
+    }
+    assert set(written["gates"]["int8"]["recall"].popitem()[1]) == {"torch", "int8"}
+    assert report.size_bytes["int8"] < report.size_bytes["fp32"]
+    assert set(report.latency) == {"torch", "fp32", "int8"}
+    assert set(report.latency["int8"]) == {"1", "8", "32"}
+    gates = report.gates
+    expected = "int8" if gates.int8.passed else "fp32" if gates.fp32.passed else "torch"
+    assert report.serving == expected
     # FP32 ONNX is the same computation as torch, to float rounding.
-    assert gates["fp32"]["passed"], gates["fp32"]["reasons"]
-    assert gates["fp32"]["max_score_diff"] < 1e-4
+    assert gates.fp32.passed, gates.fp32.reasons
+    assert gates.fp32.max_score_diff < 1e-4
 
 
 def test_export_fuses_attention_and_quantizes_convolutions_statically(
-    exported: tuple[dict[str, Any], Path],
+    exported: tuple[ExportReport, Path],
 ) -> None:
     import onnx
 
@@ -74,7 +88,7 @@ def test_export_fuses_attention_and_quantizes_convolutions_statically(
     fp32 = Counter(n.op_type for n in onnx.load(str(out / ONNX_FILES["fp32"])).graph.node)
     int8 = Counter(n.op_type for n in onnx.load(str(out / ONNX_FILES["int8"])).graph.node)
 
-    assert report["attention"] == "fused"
+    assert report.attention == "fused"
     # Vision and text layers plus the fusion decoder's self and cross attention, one node each;
     # the one Softmax left is the class probabilities'.
     assert fp32["MultiHeadAttention"] == 1 + 1 + 2, fp32
@@ -86,7 +100,7 @@ def test_export_fuses_attention_and_quantizes_convolutions_statically(
 
 
 def test_predictor_equals_the_evaluation_stage(
-    exported: tuple[dict[str, Any], Path],
+    exported: tuple[ExportReport, Path],
     trained_run: TrainResult,
     demo_dir: Path,
     train_params: Params,
@@ -106,18 +120,18 @@ def test_predictor_equals_the_evaluation_stage(
 
 
 def test_auto_backend_serves_what_the_gate_chose(
-    exported: tuple[dict[str, Any], Path],
+    exported: tuple[ExportReport, Path],
     demo_dir: Path,
     test_records: list[dict[str, Any]],
     tmp_path: Path,
 ) -> None:
     report, out = exported
-    assert Predictor(out).backend == report["serving"]
+    assert Predictor(out).backend == report.serving
 
     # The same folder with a rejected INT8 model serves FP32 ONNX.
     rejected = tmp_path / "rejected"
     shutil.copytree(out, rejected)
-    (rejected / EXPORT_FILE).write_text(json.dumps({**report, "serving": "fp32"}))
+    (rejected / EXPORT_FILE).write_text(json.dumps({**report.to_dict(), "serving": "fp32"}))
     fp32 = Predictor(rejected)
     torch_predictor = Predictor(rejected, backend="torch")
     assert fp32.backend == "fp32"
@@ -131,14 +145,14 @@ def test_auto_backend_serves_what_the_gate_chose(
 
 
 def test_int8_agrees_with_torch_on_the_test_split(
-    exported: tuple[dict[str, Any], Path], demo_dir: Path, test_records: list[dict[str, Any]]
+    exported: tuple[ExportReport, Path], demo_dir: Path, test_records: list[dict[str, Any]]
 ) -> None:
     report, out = exported
     int8 = Predictor(out, backend="int8").predict_batch(test_records, root=demo_dir)
     reference = Predictor(out, backend="torch").predict_batch(test_records, root=demo_dir)
 
     agreement = np.mean([a["label"] == b["label"] for a, b in zip(int8, reference, strict=True)])
-    assert agreement == pytest.approx(report["gates"]["int8"]["agreement"])
+    assert agreement == pytest.approx(report.gates.int8.agreement)
     assert agreement >= 0.9
 
 
@@ -159,10 +173,10 @@ def test_parity_gate_names_every_failure() -> None:
         "int8",
     )
 
-    assert not gate["passed"]
-    assert gate["agreement"] == pytest.approx(5 / 8)
-    assert gate["accuracy_drop"] == pytest.approx(3 / 8)
-    reasons = " | ".join(gate["reasons"])
+    assert not gate.passed
+    assert gate.agreement == pytest.approx(5 / 8)
+    assert gate.accuracy_drop == pytest.approx(3 / 8)
+    reasons = " | ".join(gate.reasons)
     assert "export.max_accuracy_drop" in reasons
     assert "export.min_agreement" in reasons
     assert "recall of 'a' fell from 1.000 to 0.250" in reasons
@@ -187,11 +201,11 @@ def test_parity_tolerances_are_inclusive() -> None:
         "int8",
     )
 
-    assert gate["passed"], gate["reasons"]
+    assert gate.passed, gate.reasons
 
 
 def test_bad_records_get_an_error_and_the_rest_are_served(
-    exported: tuple[dict[str, Any], Path], demo_dir: Path, test_records: list[dict[str, Any]]
+    exported: tuple[ExportReport, Path], demo_dir: Path, test_records: list[dict[str, Any]]
 ) -> None:
     config = PredictConfig(max_image_bytes=50_000, max_image_pixels=100_000, max_text_chars=200)
     predictor = Predictor(exported[1], config=config)
@@ -241,7 +255,7 @@ def test_bad_records_get_an_error_and_the_rest_are_served(
 
 
 def test_predict_cli_writes_one_line_per_record(
-    exported: tuple[dict[str, Any], Path],
+    exported: tuple[ExportReport, Path],
     demo_dir: Path,
     test_records: list[dict[str, Any]],
     tmp_path: Path,
