@@ -135,7 +135,9 @@ def retrain_and_evaluate(
         return result
 
 
-def serve_schedule(data_dir: str, params: Params, params_file: str | None, overrides: list[str]):
+def serve_schedule(
+    data_dir: str, params: Params, params_file: str | None, overrides: list[str]
+) -> None:
     """Serve this flow as a deployment on the cron schedule in params.yaml, until interrupted."""
     cfg = params.schedule
     retrain_and_evaluate.serve(

@@ -55,11 +55,11 @@ def train(
         "run_id": run.run_id,
         "model_uri": run.model_uri,
         "model_dir": str(run.model_dir),
-        "best_val_accuracy": run.result["best_val_accuracy"],
-        "best_epoch": run.result["best_epoch"],
-        "epochs_run": run.result["epochs_run"],
-        "parameters": run.result["parameters"],
-        "device": run.result["device"],
+        "best_val_accuracy": run.result.best_val_accuracy,
+        "best_epoch": run.result.best_epoch,
+        "epochs_run": run.result.epochs_run,
+        "parameters": run.result.parameters,
+        "device": run.result.device,
     }
     if metrics is not None:
         write_json(metrics, summary)

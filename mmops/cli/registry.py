@@ -126,22 +126,16 @@ def schedule(
     overrides: SetOption = None,
 ) -> None:
     """Serve the retrain flow as a Prefect deployment on the cron schedule in params.yaml."""
-    from prefect.schedules import Cron
-
-    from mmops_flows.retrain import retrain_and_evaluate
+    from mmops_flows.retrain import serve_schedule
 
     params = load_command_params(params_file, overrides)
     cfg = params.schedule
     say(f"serving deployment {cfg.name!r}: cron {cfg.cron!r} ({cfg.timezone}); Ctrl-C stops")
-    retrain_and_evaluate.serve(
-        name=cfg.name,
-        schedule=Cron(cfg.cron, timezone=cfg.timezone),
-        parameters={
-            "data_dir": str(data or params.data.dir),
-            "params_file": str(params_file) if params_file else None,
-            "overrides": list(overrides or []),
-        },
-        pause_on_shutdown=False,
+    serve_schedule(
+        str(data or params.data.dir),
+        params,
+        str(params_file) if params_file else None,
+        list(overrides or []),
     )
 
 

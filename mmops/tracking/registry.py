@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mmops.config import Params
@@ -45,14 +44,10 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done (no such version, nothing to roll back to)."""
 
 
-def client() -> MlflowClient:
-    return mlflow_client()
-
-
 def champion_version(name: str) -> str | None:
     """The version the `champion` alias points at, or None before the first promotion."""
     try:
-        return str(client().get_model_version_by_alias(name, CHAMPION).version)
+        return str(mlflow_client().get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
 
@@ -63,8 +58,9 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 
     mlflow.set_tracking_uri(tracking_uri())
     version = str(mlflow.register_model(model_uri, name, tags=tags).version)
-    client().update_model_version(name, version, description=version_description(tags))
-    client().set_registered_model_alias(name, CHALLENGER, version)
+    c = mlflow_client()
+    c.update_model_version(name, version, description=version_description(tags))
+    c.set_registered_model_alias(name, CHALLENGER, version)
     return version
 
 
@@ -100,7 +96,7 @@ def promote(name: str, version: str, reason: str) -> None:
     """Make `version` the champion by hand (no gate), recording who, when and why."""
     with _lock(name):
         try:
-            client().get_model_version(name, version)
+            mlflow_client().get_model_version(name, version)
         except MlflowException:
             raise RegistryError(f"{name} has no version {version}") from None
         _move_champion(name, version, reason, action="promote")
@@ -125,13 +121,13 @@ def rollback(name: str, reason: str) -> str:
 
 def history(name: str) -> list[dict[str, Any]]:
     """Alias moves, oldest first: version, previous, action, at, by, reason."""
-    tags = client().get_registered_model(name).tags
+    tags = mlflow_client().get_registered_model(name).tags
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 
 def list_versions(name: str) -> list[dict[str, Any]]:
     """Every version with its aliases and key tags, newest first."""
-    c = client()
+    c = mlflow_client()
     try:
         aliases = c.get_registered_model(name).aliases
     except MlflowException:
@@ -154,7 +150,7 @@ def list_versions(name: str) -> list[dict[str, Any]]:
 
 def champion_summary(name: str) -> dict[str, Any]:
     """The champion's version, data and code versions, test metrics, serving backend and speed."""
-    c = client()
+    c = mlflow_client()
     try:
         version = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -194,7 +190,7 @@ def _number(text: str | None) -> float | None:
 
 
 def _move_champion(name: str, version: str, reason: str, action: str) -> None:
-    c = client()
+    c = mlflow_client()
     previous = champion_version(name)
     c.set_registered_model_alias(name, CHAMPION, version)
     entry = {
@@ -214,7 +210,7 @@ def _move_champion(name: str, version: str, reason: str, action: str) -> None:
 
 
 def _record_verdict(name: str, version: str, verdict: Verdict) -> None:
-    c = client()
+    c = mlflow_client()
     c.set_model_version_tag(name, version, "mmops.gate.passed", str(verdict.passed))
     c.set_model_version_tag(name, version, "mmops.gate.reasons", reasons_tag(verdict.reasons))
     champion = verdict.champion.version if verdict.champion else "none"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,6 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-@dataclass(frozen=True)
-class TrackedRun:
-    run_id: str
-    model_uri: str
-    model_dir: Path
-    result: dict[str, Any]
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

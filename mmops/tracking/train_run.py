@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -10,12 +11,25 @@ from mmops.config import Params, to_dict
 from mmops.tracking.pyfunc import log_pyfunc
 from mmops.tracking.runs import (
     MlflowTracker,
-    TrackedRun,
     configure,
     flatten,
     run_name,
     write_run_file,
 )
+from mmops.training.progress import TrainResult
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A training run as MLflow holds it: its id, the logged model, and what training reported."""
+
+    run_id: str
+    model_uri: str
+    result: TrainResult
+
+    @property
+    def model_dir(self) -> Path:
+        return self.result.model_dir
 
 
 def tracked_train(
@@ -65,4 +79,4 @@ def tracked_train(
             dataset=dataset,
         )
         write_run_file(result.model_dir, run.info.run_id, info.model_uri, info.model_id)
-    return TrackedRun(run.info.run_id, info.model_uri, result.model_dir, result.to_dict())
+    return TrackedRun(run.info.run_id, info.model_uri, result)
