@@ -10,6 +10,7 @@ from mmops.config.loader import (
 )
 from mmops.config.sections import (
     BACKENDS,
+    BaselineConfig,
     ConfigError,
     DataConfig,
     DemoDataConfig,
@@ -21,6 +22,7 @@ from mmops.config.sections import (
     Params,
     PredictConfig,
     ScheduleConfig,
+    SearchConfig,
     SplitRatios,
     SplitSizes,
     StreamConfig,
@@ -34,6 +36,7 @@ from mmops.config.sections import (
 __all__ = [
     "BACKENDS",
     "DEFAULT_PARAMS_FILE",
+    "BaselineConfig",
     "ConfigError",
     "DataConfig",
     "DemoDataConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "Params",
     "PredictConfig",
     "ScheduleConfig",
+    "SearchConfig",
     "SplitRatios",
     "SplitSizes",
     "StreamConfig",

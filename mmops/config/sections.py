@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
@@ -144,6 +145,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Optuna search before the final training (`mmops tune`; the retrain flow when enabled)."""
+
+    enabled: bool = False
+    trials: int = 20
+    timeout_s: float = 0.0  # 0: no limit
+    epochs: int = 0  # per trial; 0: train.epochs
+    seed: int = 0
+    out_dir: str = "models/search"
+    # Dotted params key -> {low, high[, log]} or {choices: [...]}.
+    space: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError("train.search.trials: must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
@@ -165,6 +184,7 @@ class TrainConfig:
     # 90-degree turns). Orientation-sensitive tasks (left/right questions) need none or flip.
     augment: str = "flip_rotate"
     out_dir: str = "models/train"
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         if self.augment not in ("none", "flip", "flip_rotate"):
@@ -173,6 +193,15 @@ class TrainConfig:
             raise ConfigError("train.precision: must be auto, fp32 or bf16")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The classical model every retrain trains on the same splits (mmops.evaluation.baseline)."""
+
+    image_size: int = 16  # pixels per side of the downsampled image features
+    max_vocab: int = 5000  # bag-of-words vocabulary from the train texts
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +218,7 @@ class EvaluateConfig:
     typo_rate: float = 0.3
     seed: int = 0
     out_dir: str = "reports/evaluate"
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 @dataclass(frozen=True)
@@ -282,6 +312,8 @@ class GateConfig:
     # Also require the challenger to be significantly better (McNemar's exact test).
     require_significance: bool = False
     significance_level: float = 0.05
+    # The challenger must beat the classical baseline's test accuracy by this (0.01 = 1 point).
+    min_gain_over_baseline: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("min_accuracy", "max_group_gap", "max_regression", "max_group_regression"):
