@@ -1,9 +1,10 @@
 """The monthly retrain-and-evaluate flow: a recipe of mmops stages, with retries and a report.
 
-data version -> validate -> train -> evaluate -> export -> register -> gate -> promote. Every
-task is one mmops call. Tasks that talk to the tracking server retry with backoff on transient
-errors; validation never retries: a bad dataset stops the run before training, and the champion
-stays where it was.
+data version -> validate -> [search] -> train -> evaluate -> export -> register -> gate -> promote.
+Every task is one mmops call; the search runs when train.search.enabled, and the registered model
+is trained with its best values. Tasks that talk to the tracking server retry with backoff on
+transient errors; validation never retries: a bad dataset stops the run before training, and the
+champion stays where it was.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from mmops.tracking import registry
 from mmops.tracking.evaluate_run import tracked_evaluate
 from mmops.tracking.export_run import tracked_export
 from mmops.tracking.gate import Verdict
+from mmops.tracking.search_space import with_overrides
 from mmops.tracking.train_run import tracked_train
+from mmops.tracking.tune import SearchResult, record_search, tune
 from mmops_flows.support import (
     TRANSIENT,
     RetrainResult,
@@ -52,10 +55,20 @@ def validate(data_dir: str, params: Params) -> dict[str, Any]:
     return report.metrics()
 
 
-# Train is where the GPU is: run this flow from a work pool on a GPU machine (README).
+# Search and train are where the GPU is: run this flow from a work pool on a GPU machine (README).
 @task(**TRANSIENT, timeout_seconds=24 * HOUR)
-def train(data_dir: str, params: Params, out: str) -> dict[str, Any]:
+def search(data_dir: str, params: Params, out: str) -> SearchResult:
+    return tune(data_dir, params, out_dir=Path(out) / "search")
+
+
+@task(**TRANSIENT, timeout_seconds=24 * HOUR)
+def train(
+    data_dir: str, params: Params, out: str, searched: SearchResult | None = None
+) -> dict[str, Any]:
+    """Train; a search's best values and parent run are recorded on the training run."""
     run = tracked_train(data_dir, params, Path(out) / "train")
+    if searched is not None:
+        record_search(run.run_id, searched)
     return {"run_id": run.run_id, "model_uri": run.model_uri, "model_dir": str(run.model_dir)}
 
 
@@ -79,9 +92,12 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 
 @task(**TRANSIENT, timeout_seconds=HOUR)
 def gate_and_promote(
-    name: str, version: str, data_dir: str, params: Params, reason: str
+    name: str, version: str, data_dir: str, params: Params, evaluation: EvaluationReport
 ) -> tuple[Verdict, bool]:
-    return registry.gate_and_promote(name, version, data_dir, params, reason)
+    """The gate, against the champion and the baseline the evaluate stage fitted."""
+    return registry.gate_and_promote(
+        name, version, data_dir, params, "retrain flow: gate passed", evaluation.baseline
+    )
 
 
 @flow(name="retrain_and_evaluate", log_prints=True)
@@ -99,7 +115,10 @@ def retrain_and_evaluate(
         version_info = resolve_data_version(data_dir)
         name_flow_run(version_info["md5"])
         validate(data_dir, params)
-        trained = train(data_dir, params, out)
+        searched = search(data_dir, params, out) if params.train.search.enabled else None
+        if searched is not None:  # the registered model is trained with the search's best
+            params = with_overrides(params, searched.best_overrides)
+        trained = train(data_dir, params, out, searched)
         create_link_artifact(
             run_url(trained["run_id"]),
             link_text=f"MLflow run {trained['run_id']}",
@@ -112,9 +131,7 @@ def retrain_and_evaluate(
             version_info, evaluation.classification, exported, trained["run_id"]
         )
         version = register(model_uri, name, tags)
-        verdict, promoted = gate_and_promote(
-            name, version, data_dir, params, "retrain flow: gate passed"
-        )
+        verdict, promoted = gate_and_promote(name, version, data_dir, params, evaluation)
         result = RetrainResult(
             model=name,
             version=version,

@@ -14,6 +14,7 @@ from typing import Any
 from mmops.data.validate import DatasetRejected
 from mmops.environment import mlflow_client, tracking_uri
 from mmops.evaluation.records import EvaluationReport
+from mmops.evaluation.report import baseline_section, underfit_section
 from mmops.local.stack import DEFAULT_MLFLOW_PORT, LOOPBACK
 from mmops.tracking.gate import Verdict
 
@@ -84,7 +85,8 @@ class RetrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         """What `mmops retrain --json` prints."""
-        quality = self.evaluation.classification
+        quality, baseline = self.evaluation.classification, self.evaluation.baseline
+        underfit = self.evaluation.underfit
         return {
             "model": self.model,
             "version": self.version,
@@ -98,13 +100,16 @@ class RetrainResult:
             },
             "accuracy": quality.accuracy,
             "macro_f1": quality.macro_f1,
+            "baseline": baseline.to_dict() if baseline else None,
+            "underfit": underfit.to_dict() if underfit else None,
             "serving": self.serving,
             "champion": self.champion,
         }
 
 
 def summary_markdown(result: RetrainResult) -> str:
-    """The run's Prefect artifact: evaluation summary and challenger versus champion."""
+    """The run's Prefect artifact: evaluation summary, baseline, underfit report (for a model
+    near chance) and challenger versus champion."""
     verdict = result.verdict
     gate = "passed" if verdict.passed else "rejected: " + "; ".join(verdict.reasons)
     quality, ablation = result.evaluation.classification, result.evaluation.ablation
@@ -125,6 +130,8 @@ def summary_markdown(result: RetrainResult) -> str:
         f"| macro-F1 | {quality.macro_f1:.4f} |",
         f"| image only | {ablation.image_only:.4f} |",
         f"| text only | {ablation.text_only:.4f} |",
+        *underfit_section(result.evaluation.underfit),
+        *baseline_section(result.evaluation.baseline, quality),
         "",
         "## Challenger versus champion",
         "",

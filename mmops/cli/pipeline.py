@@ -1,4 +1,4 @@
-"""Commands of the model pipeline: train, evaluate, export and predict."""
+"""Commands of the model pipeline: tune, train, evaluate, export and predict."""
 
 from __future__ import annotations
 
@@ -20,6 +20,47 @@ from mmops.cli.common import (
     say,
     write_json,
 )
+
+
+@command()
+def tune(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="trials to run (default: train.search.trials)")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=0,
+            help="start no trial after S seconds; 0: no limit (default: train.search.timeout_s)",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder of best_params.yaml (default: train.search.out_dir)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Search train.search.space with Optuna, each trial a nested MLflow run; save the best."""
+    import shlex
+
+    from mmops.tracking.search_space import override_args
+    from mmops.tracking.tune import tune as run_search
+
+    params = load_command_params(params_file, overrides)
+    result = run_search(data, params, trials=trials, timeout_s=timeout, out_dir=out)
+    say(
+        f"best val accuracy {result.best_value:.4f} in {result.n_trials} trials "
+        f"({result.n_pruned} pruned); run {result.parent_run_id}; params {result.params_file}"
+    )
+    say(
+        "train with them: "
+        + " ".join(f"--set {shlex.quote(item)}" for item in override_args(result.best_overrides))
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
 
 
 @command()

@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# How the two modalities meet: mmops.model.classifier.MultimodalClassifier.
+FUSIONS = ("product", "concat", "late", "cross_attention")
+
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
 
@@ -47,10 +50,8 @@ class DemoDataConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError("demo_data.n: must be >= 1")
-        if not 32 <= self.image_size <= 1024:
-            raise ConfigError("demo_data.image_size: must be between 32 and 1024")
+        if self.n < 1 or not 32 <= self.image_size <= 1024:
+            raise ConfigError("demo_data: n must be >= 1, image_size between 32 and 1024")
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,25 @@ class ValidateConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A ViT built from scratch (ignored when model.vision_pretrained is set)."""
+    """The image encoder built from scratch (ignored when model.vision_pretrained is set)."""
 
-    patch_size: int = 8
-    hidden_size: int = 128
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    intermediate_size: int = 256
-    # How pixels become patch tokens: `conv`, 3x3 convolutions (two per halving of the patch
-    # size, mmops.model.ConvStem), or `patch`, the plain ViT linear patch projection.
+    # cnn: 3x3 convolutions down to a grid (mmops.model.encoders.ConvEncoder), the default:
+    # it learns from a few hundred images. vit: a ViT, which needs far more data from scratch.
+    arch: str = "cnn"
+    hidden_size: int = 128  # width of the tokens it hands to the fusion
+    channels: int = 32  # cnn: of the first stage; the later ones have twice as many
+    grid: int = 4  # cnn: the spatial grid the convolutions end on
+    patch_size: int = 8  # vit
+    num_hidden_layers: int = 3  # vit
+    num_attention_heads: int = 4  # vit
+    intermediate_size: int = 256  # vit
+    # vit: how pixels become patch tokens: `conv`, 3x3 convolutions (two per halving of the
+    # patch size, mmops.model.ConvStem), or `patch`, the plain ViT linear patch projection.
     stem: str = "conv"
 
     def __post_init__(self) -> None:
+        if self.arch not in ("cnn", "vit"):
+            raise ConfigError(f"model.vision.arch: {self.arch!r} is not one of ('cnn', 'vit')")
         if self.stem not in ("conv", "patch"):
             raise ConfigError(f"model.vision.stem: {self.stem!r} is not one of ('conv', 'patch')")
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
@@ -105,21 +113,31 @@ class VisionConfig:
                 "model.vision.patch_size: the conv stem needs a power of two >= 2, "
                 f"got {self.patch_size}"
             )
+        if min(self.channels, self.grid, self.hidden_size) < 1:
+            raise ConfigError("model.vision: channels, grid and hidden_size must be >= 1")
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A BERT built from scratch (ignored when model.text_pretrained is set)."""
+    """The text encoder built from scratch (ignored when model.text_pretrained is set)."""
 
+    # embedding: word-piece embeddings, a phrase convolution and mean/max pooling
+    # (mmops.model.encoders.EmbeddingEncoder), the default. bert: a BERT, which needs far
+    # more text than most labelled datasets have to learn from scratch.
+    arch: str = "embedding"
     hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 256
+    num_hidden_layers: int = 2  # bert
+    num_attention_heads: int = 4  # bert
+    intermediate_size: int = 256  # bert
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("embedding", "bert"):
+            raise ConfigError(f"model.text.arch: {self.arch!r} is not one of ('embedding', 'bert')")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    fusion: str = "cross_attention"
+    fusion: str = "product"
     image_size: int = 64
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -137,11 +155,21 @@ class ModelConfig:
     modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        fusions = ("late", "concat", "cross_attention")
+        fusions = FUSIONS
         if self.fusion not in fusions:
             raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {fusions}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ConfigError("model.modality_dropout: must be in [0, 1)")
+
+
+def _default_space() -> dict[str, Any]:
+    return {
+        "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+        "train.weight_decay": {"low": 0.0, "high": 0.1},
+        "model.dropout": {"low": 0.0, "high": 0.3},
+        "model.hidden_dim": {"choices": [64, 128, 256]},
+        "train.batch_size": {"choices": [16, 32, 64]},
+    }
 
 
 @dataclass(frozen=True)
@@ -154,12 +182,25 @@ class SearchConfig:
     epochs: int = 0  # per trial; 0: train.epochs
     seed: int = 0
     out_dir: str = "models/search"
-    # Dotted params key -> {low, high[, log]} or {choices: [...]}.
-    space: dict[str, Any] = field(default_factory=dict)
+    # Dotted params key -> {low, high[, log][, step]} or {choices: [...]}; the keys and values
+    # are checked against the params when a search starts (mmops.tracking.search_space).
+    space: dict[str, Any] = field(default_factory=_default_space)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError("train.search.trials: must be >= 1")
+        if self.timeout_s < 0 or self.epochs < 0:
+            raise ConfigError("train.search.timeout_s and train.search.epochs: must be >= 0")
+        if not isinstance(self.space, dict):
+            raise ConfigError(
+                f"train.search.space: must be a mapping of params keys, got {self.space!r}"
+            )
+        for key, entry in self.space.items():
+            if not isinstance(entry, dict):
+                raise ConfigError(
+                    f"train.search.space[{key!r}]: must be a mapping, {{low, high}} or "
+                    f"{{choices: [...]}}, got {entry!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -172,8 +213,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     classification_weight: float = 1.0
     contrastive_weight: float = 0.0
-    # Stop when val accuracy has not improved for this many epochs; 0 disables.
+    # Stop when val accuracy has not improved for this many epochs, counted only once it is
+    # above chance (a plateau at chance is waited out); 0 disables.
     early_stopping_patience: int = 6
+    # A small dataset gets more epochs (and patience in proportion) to reach this many steps.
+    min_steps: int = 1500
     seed: int = 0
     num_workers: int = 2
     # auto: CUDA when available, else CPU. Precision auto: bf16 autocast on CUDA, fp32 on CPU.
@@ -182,7 +226,7 @@ class TrainConfig:
     compile: bool = False
     # Label-preserving image augmentation: none, flip (horizontal), or flip_rotate (flips and
     # 90-degree turns). Orientation-sensitive tasks (left/right questions) need none or flip.
-    augment: str = "flip_rotate"
+    augment: str = "none"
     out_dir: str = "models/train"
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -191,8 +235,8 @@ class TrainConfig:
             raise ConfigError("train.augment: must be none, flip or flip_rotate")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision: must be auto, fp32 or bf16")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("train.epochs and train.batch_size: must be >= 1")
+        if min(self.epochs, self.batch_size) < 1 or self.min_steps < 0:
+            raise ConfigError("train: epochs and batch_size must be >= 1, min_steps >= 0")
 
 
 @dataclass(frozen=True)
@@ -225,8 +269,8 @@ class EvaluateConfig:
 class ExportConfig:
     """ONNX export, INT8 quantization and the parity gate the INT8 model must pass to serve."""
 
-    # INT8 accuracy may trail the torch model by at most this (0.01 = 1 point) on the test split,
-    # no class's recall by more than max_recall_drop, and the two must agree on min_agreement.
+    # INT8 may trail torch by this much test accuracy (0.01 = 1 point), per-class recall by
+    # max_recall_drop; the two must agree on min_agreement of the test split.
     max_accuracy_drop: float = 0.01
     max_recall_drop: float = 0.05
     min_agreement: float = 0.99

@@ -10,6 +10,7 @@ import pandas as pd
 
 from mmops.config import EvaluateConfig, Params
 from mmops.data.dataset import load_splits, split_rows
+from mmops.evaluation.baseline import fit_baseline, training_curve, underfit
 from mmops.evaluation.efficiency import efficiency
 from mmops.evaluation.metrics import (
     calibration,
@@ -19,7 +20,7 @@ from mmops.evaluation.metrics import (
 )
 from mmops.evaluation.perturb import blur, gaussian_noise, typos
 from mmops.evaluation.predictions import Predictions, predict_dataset
-from mmops.evaluation.records import Ablation, EvaluationReport, Perturbation
+from mmops.evaluation.records import Ablation, EvaluationReport, Perturbation, Underfit
 from mmops.evaluation.report import write_evaluation
 from mmops.model.preprocess import ImageTransform, MultimodalDataset, TextTransform
 from mmops.serving.predictor import Predictor
@@ -33,6 +34,9 @@ def evaluate_model(
     backend: str = "torch",
 ) -> EvaluationReport:
     """Evaluate a saved model on the test split; write metrics.json, report.md, plots and data.
+
+    Beside it, the classical baseline fitted on the same splits; a model no better than the
+    majority class is reported as underfit, with its training curve.
 
     `backend` picks what runs: the torch model by default, or an exported ONNX model.
     """
@@ -77,9 +81,16 @@ def evaluate_model(
             cfg.latency_batch_sizes,
             cfg.latency_repeats,
         ),
+        baseline=fit_baseline(data_dir, params),
+        underfit=_underfit(model_dir, test, quality.accuracy),
     )
     write_evaluation(out, report, labels, test, base)
     return report
+
+
+def _underfit(model_dir: Path | str, test: pd.DataFrame, accuracy: float) -> Underfit | None:
+    counts = test["label"].astype(str).value_counts().to_dict()
+    return underfit(accuracy, counts, training_curve(model_dir))
 
 
 def _ablation_and_robustness(

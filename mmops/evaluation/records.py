@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -93,6 +93,46 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class BaselineResult:
+    """The classical baseline fitted on the train split, chosen on val, scored on test.
+
+    `pipeline` is the fitted scikit-learn Pipeline (inputs from `baseline_inputs`); it stays
+    out of the repr, comparisons and `to_dict`.
+    """
+
+    kind: str  # the candidate with the best val accuracy: "logistic" or "mlp"
+    val_accuracy: float
+    test_accuracy: float
+    test_macro_f1: float
+    candidates: dict[str, float]  # val accuracy of every candidate, by kind
+    train_examples: int  # the rows it was fitted on (the train split, capped)
+    n_features: int
+    seconds: float
+    pipeline: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not asdict: it would deep-copy the fitted pipeline only to drop it.
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pipeline"}
+        return {**out, "candidates": dict(self.candidates)}
+
+
+@dataclass(frozen=True)
+class Underfit:
+    """A model no better than always answering the test split's most common class."""
+
+    accuracy: float
+    chance: float  # the majority class's share of the test split
+    margin: float  # how far above chance counts as learnt: max(0.02, 2 binomial std errors)
+    hint: str
+    # The training run's epochs (epoch, train/val loss and accuracy, lr); empty when the model
+    # folder has no training history beside it.
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class EvaluationReport:
     """Everything the evaluate stage measured on the test split."""
 
@@ -105,6 +145,8 @@ class EvaluationReport:
     efficiency: Efficiency
     groups: GroupMetrics | None = None  # when the dataset has a `group` column
     retrieval: dict[str, float] | None = None  # when the model was trained contrastively
+    baseline: BaselineResult | None = None  # the classical model on the same splits
+    underfit: Underfit | None = None  # when the model is no better than chance
 
     def to_dict(self) -> dict[str, Any]:
         """metrics.json: the classification figures at the top level, then each section."""
@@ -120,4 +162,9 @@ class EvaluationReport:
         if self.retrieval is not None:
             out["retrieval"] = dict(self.retrieval)
         out["efficiency"] = asdict(self.efficiency)
+        if self.baseline is not None:
+            gain = self.classification.accuracy - self.baseline.test_accuracy
+            out["baseline"] = {**self.baseline.to_dict(), "gain": gain}
+        if self.underfit is not None:
+            out["underfit"] = self.underfit.to_dict()
         return out

@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 
 from mmops.evaluation.predictions import Predictions
-from mmops.evaluation.records import Calibration, EvaluationReport
+from mmops.evaluation.records import (
+    BaselineResult,
+    Calibration,
+    ClassificationMetrics,
+    EvaluationReport,
+    Underfit,
+)
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -106,9 +112,12 @@ def plot_reliability(calib: Calibration, path: Path) -> None:
 
 
 def render_report(report: EvaluationReport, labels: list[str]) -> str:
-    """report.md: quality, ablation, robustness, groups, calibration, retrieval, efficiency."""
+    """report.md: quality, underfit, baseline, ablation, robustness, groups, calibration,
+    retrieval, efficiency."""
     lines = [
         *_quality_section(report, labels),
+        *underfit_section(report.underfit),
+        *baseline_section(report.baseline, report.classification),
         *_robustness_section(report),
         *_groups_section(report),
         *_calibration_section(report),
@@ -135,6 +144,57 @@ def _quality_section(report: EvaluationReport, labels: list[str]) -> list[str]:
         c = quality.per_class[label]
         lines.append(f"| {label} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} | {c.support} |")
     return [*lines, "", "![confusion matrix](confusion_matrix.png)"]
+
+
+def underfit_section(underfit: Underfit | None) -> list[str]:
+    """The warning for a model near chance, its hint and training curve (none when it learnt)."""
+    if underfit is None:
+        return []
+    lines = [
+        "",
+        "## Underfit",
+        "",
+        f"**Accuracy {underfit.accuracy:.4f} is not clearly above chance**: the most common "
+        f"class is {underfit.chance:.4f} of the test split, and only a model above "
+        f"{underfit.chance + underfit.margin:.4f} (chance + {underfit.margin:.4f}) has learnt "
+        "something.",
+        "",
+        underfit.hint,
+    ]
+    if not underfit.curve:
+        return [*lines, "", "No training curve: the model folder has no history beside it."]
+    lines += [
+        "",
+        "| epoch | train loss | train accuracy | val loss | val accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    for epoch in underfit.curve:
+        cells = " | ".join(f"{epoch[k]:.4f}" if k in epoch else "-" for k in keys)
+        lines.append(f"| {int(epoch.get('epoch', 0))} | {cells} |")
+    return lines
+
+
+def baseline_section(baseline: BaselineResult | None, quality: ClassificationMetrics) -> list[str]:
+    """The classical baseline on the same test split, and the model's gain over it."""
+    if baseline is None:
+        return []
+    candidates = ", ".join(f"{k} {v:.4f}" for k, v in baseline.candidates.items())
+    return [
+        "",
+        "## Baseline",
+        "",
+        "| model | test accuracy | test macro-F1 |",
+        "|---|---|---|",
+        f"| this model | {quality.accuracy:.4f} | {quality.macro_f1:.4f} |",
+        f"| baseline ({baseline.kind}) | {baseline.test_accuracy:.4f} | "
+        f"{baseline.test_macro_f1:.4f} |",
+        "",
+        f"Gain over the baseline: **{quality.accuracy - baseline.test_accuracy:+.4f}**. "
+        "The baseline is scikit-learn on downsampled pixels and a bag of words, fitted on "
+        f"{baseline.train_examples} train examples ({baseline.n_features} features) in "
+        f"{baseline.seconds:.1f} s and chosen on val accuracy ({candidates}).",
+    ]
 
 
 def _robustness_section(report: EvaluationReport) -> list[str]:

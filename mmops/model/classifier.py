@@ -1,8 +1,9 @@
-"""The multimodal classifier: a transformers vision encoder, a text encoder and a fusion head.
+"""The multimodal classifier: a vision encoder, a text encoder and a fusion head.
 
-Encoders are built from the `model` section of params.yaml, or loaded from a `save_pretrained`
-folder or hub name. A saved model is one folder: weights as safetensors, the encoder configs, the
-labels and the tokenizer, so it loads without the training code's params.
+Encoders are built from the `model` section of params.yaml (small CNN and embedding encoders by
+default, a ViT and a BERT on request), or loaded from a `save_pretrained` folder or hub name. A
+saved model is one folder: weights as safetensors, the encoder configs, the labels and the
+tokenizer, so it loads without the training code's params.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmops.config import ModelConfig, VisionConfig
+from mmops.model.encoders import ConvEncoder, EmbeddingEncoder
 
 
 class ModelOutput(NamedTuple):
@@ -25,7 +27,15 @@ class ModelOutput(NamedTuple):
 
 
 class MultimodalClassifier(nn.Module):
-    """Image + text classifier with late, concat or cross-attention fusion."""
+    """Image + text classifier with product, concat, late or cross-attention fusion.
+
+    product (the default): the two summaries and their elementwise product into an MLP. The
+    product lets the head read an interaction (the label is the digit *plus* the number in the
+    instruction) without having to build it from sums; the summaries alone keep what one
+    modality says by itself. concat: the summaries only. late: the product of L2-normalised
+    embeddings. cross_attention: text tokens attend to image tokens (best with pretrained
+    encoders).
+    """
 
     def __init__(
         self, config: ModelConfig, num_labels: int, vision: nn.Module, text: nn.Module
@@ -35,8 +45,7 @@ class MultimodalClassifier(nn.Module):
         self.vision = vision
         self.text = text
         d = config.hidden_dim
-        vision_width = vision.config.hidden_size
-        text_width = text.config.hidden_size
+        vision_width, text_width = encoder_width(vision), encoder_width(text)
         # A learned stand-in for an absent modality, so a missing image or text is an input,
         # not a crash, and modality dropout can teach the model to cope with it.
         self.missing_image = nn.Parameter(torch.zeros(1, 1, vision_width))
@@ -50,12 +59,14 @@ class MultimodalClassifier(nn.Module):
             )
             self.fusion = nn.TransformerDecoder(layer, config.fusion_layers)
             head_in = d
-        elif config.fusion == "concat":
-            self.fusion = None
-            head_in = 2 * d
-        else:  # late: the product of the two embeddings carries their interaction
-            self.fusion = None
+        elif config.fusion == "product":
+            # Each summary at unit scale before the product: two small untrained projections
+            # multiply to a vanishing term, and the interaction then takes epochs to find.
+            self.fusion = nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d)])
             head_in = 3 * d
+        else:
+            self.fusion = None
+            head_in = 2 * d if config.fusion == "concat" else 3 * d
         self.head = nn.Sequential(
             nn.LayerNorm(head_in),
             nn.Linear(head_in, d),
@@ -74,10 +85,8 @@ class MultimodalClassifier(nn.Module):
     ) -> ModelOutput:
         if self.training and self.config.modality_dropout > 0:
             image_present, text_present = self._drop_modalities(image_present, text_present)
-        image_tokens = self.vision(pixel_values=pixel_values).last_hidden_state
-        text_tokens = self.text(
-            input_ids=input_ids, attention_mask=attention_mask
-        ).last_hidden_state
+        image_tokens = _tokens(self.vision(pixel_values=pixel_values))
+        text_tokens = _tokens(self.text(input_ids=input_ids, attention_mask=attention_mask))
         image_tokens = torch.where(
             image_present[:, None, None], image_tokens, self.missing_image.to(image_tokens.dtype)
         )
@@ -96,6 +105,9 @@ class MultimodalClassifier(nn.Module):
             )[:, 0]
         elif self.config.fusion == "concat":
             fused = torch.cat([image_pooled, text_pooled], dim=-1)
+        elif self.config.fusion == "product":
+            image_unit, text_unit = self.fusion[0](image_pooled), self.fusion[1](text_pooled)
+            fused = torch.cat([image_unit, text_unit, image_unit * text_unit], dim=-1)
         else:
             fused = torch.cat([image_embeds, text_embeds, image_embeds * text_embeds], dim=-1)
         return ModelOutput(self.head(fused), image_embeds, text_embeds, self.logit_scale.exp())
@@ -124,42 +136,76 @@ def contrastive_loss(output: ModelOutput, pair_mask: torch.Tensor) -> torch.Tens
 
 def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.Module]:
     """Vision and text encoders: pretrained where the config names one, else built from config."""
-    from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
+    from transformers import AutoModel
 
     if config.vision_pretrained:
         vision = AutoModel.from_pretrained(config.vision_pretrained)
     else:
-        v = config.vision
-        vision = ViTModel(
-            ViTConfig(
-                image_size=config.image_size,
-                patch_size=v.patch_size,
-                hidden_size=v.hidden_size,
-                num_hidden_layers=v.num_hidden_layers,
-                num_attention_heads=v.num_attention_heads,
-                intermediate_size=v.intermediate_size,
-                hidden_dropout_prob=config.dropout,
-            ),
-            add_pooling_layer=False,
-        )
-        set_stem(vision, v)
+        vision = build_vision(config)
     if config.text_pretrained:
         text = AutoModel.from_pretrained(config.text_pretrained)
     else:
-        t = config.text
-        text = BertModel(
-            BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=t.hidden_size,
-                num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads,
-                intermediate_size=t.intermediate_size,
-                max_position_embeddings=config.max_text_length,
-                hidden_dropout_prob=config.dropout,
-            ),
-            add_pooling_layer=False,
-        )
+        text = build_text(config, vocab_size)
     return vision_part(vision), text_part(text)
+
+
+def build_vision(config: ModelConfig) -> nn.Module:
+    """The image encoder `model.vision` describes, freshly initialised."""
+    v = config.vision
+    if v.arch == "cnn":
+        return ConvEncoder(config.image_size, v.channels, v.hidden_size, v.grid, config.dropout)
+    from transformers import ViTConfig, ViTModel
+
+    vision = ViTModel(
+        ViTConfig(
+            image_size=config.image_size,
+            patch_size=v.patch_size,
+            hidden_size=v.hidden_size,
+            num_hidden_layers=v.num_hidden_layers,
+            num_attention_heads=v.num_attention_heads,
+            intermediate_size=v.intermediate_size,
+            hidden_dropout_prob=config.dropout,
+        ),
+        add_pooling_layer=False,
+    )
+    set_stem(vision, v)
+    return vision
+
+
+def build_text(config: ModelConfig, vocab_size: int) -> nn.Module:
+    """The text encoder `model.text` describes, freshly initialised."""
+    t = config.text
+    if t.arch == "embedding":
+        return EmbeddingEncoder(vocab_size, t.hidden_size, config.max_text_length, config.dropout)
+    from transformers import BertConfig, BertModel
+
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=config.max_text_length,
+            hidden_dropout_prob=config.dropout,
+        ),
+        add_pooling_layer=False,
+    )
+
+
+def encoder_width(encoder: nn.Module) -> int:
+    """The width of an encoder's tokens: mmops encoders say it, transformers configs hold it."""
+    return getattr(encoder, "width", None) or encoder.config.hidden_size
+
+
+def is_transformers(encoder: nn.Module) -> bool:
+    """Whether the encoder is a transformers model (saved with its config) or an mmops one."""
+    return hasattr(encoder, "config") and hasattr(encoder.config, "to_dict")
+
+
+def _tokens(output: object) -> torch.Tensor:
+    # mmops encoders return the tokens; transformers models return them in an output record.
+    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
 
 
 class ConvStem(nn.Module):

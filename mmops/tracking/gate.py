@@ -10,6 +10,7 @@ from scipy.stats import binomtest
 
 from mmops.config import GateConfig, Params
 from mmops.data.dataset import split_rows
+from mmops.evaluation.records import BaselineResult
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,10 @@ class Verdict:
     challenger: Score
     champion: Score | None
     p_value: float | None = None
+    baseline: BaselineResult | None = None  # the classical model on the same test split
 
     def table(self) -> str:
-        """Challenger against champion, as a Markdown table."""
+        """Challenger against champion (and the baseline), as a Markdown table."""
         rows = [("accuracy", "accuracy"), ("group gap", "group_gap"), ("latency ms", "latency_ms")]
         champ = self.champion
         head = f"| metric | challenger v{self.challenger.version} | "
@@ -78,11 +80,24 @@ class Verdict:
         for group, value in self.challenger.groups.items():
             theirs = f"{champ.groups.get(group, float('nan')):.4f}" if champ else "-"
             lines.append(f"| group {group} | {value:.4f} | {theirs} |")
+        if self.baseline is not None:
+            base = self.baseline.test_accuracy
+            theirs = f"{champ.accuracy - base:+.4f}" if champ else "-"
+            lines.append(
+                f"| gain over baseline ({self.baseline.kind}, accuracy {base:.4f}) | "
+                f"{self.challenger.accuracy - base:+.4f} | {theirs} |"
+            )
         return "\n".join(lines)
 
 
-def gate(challenger: Score, champion: Score | None, cfg: GateConfig) -> Verdict:
-    """Floors for any model; no regression (and optionally a significant gain) over a champion."""
+def gate(
+    challenger: Score,
+    champion: Score | None,
+    cfg: GateConfig,
+    baseline: BaselineResult | None = None,
+) -> Verdict:
+    """Floors for any model, a gain over the classical baseline; no regression (and optionally
+    a significant gain) over a champion."""
     reasons = []
     if challenger.accuracy < cfg.min_accuracy:
         reasons.append(f"accuracy {challenger.accuracy:.4f} < gate.min_accuracy {cfg.min_accuracy}")
@@ -94,6 +109,14 @@ def gate(challenger: Score, champion: Score | None, cfg: GateConfig) -> Verdict:
         reasons.append(
             f"latency {challenger.latency_ms:.1f} ms > gate.max_latency_ms {cfg.max_latency_ms}"
         )
+    if baseline is not None:
+        needed = baseline.test_accuracy + cfg.min_gain_over_baseline
+        if challenger.accuracy < needed:
+            reasons.append(
+                f"accuracy {challenger.accuracy:.4f} does not beat the {baseline.kind} baseline's "
+                f"{baseline.test_accuracy:.4f} by gate.min_gain_over_baseline "
+                f"{cfg.min_gain_over_baseline} (needs {needed:.4f})"
+            )
     p_value = None
     if champion is not None:
         drop = champion.accuracy - challenger.accuracy
@@ -117,7 +140,7 @@ def gate(challenger: Score, champion: Score | None, cfg: GateConfig) -> Verdict:
                 f"gain over champion not significant (McNemar p={p_value:.4f} >= "
                 f"gate.significance_level {cfg.significance_level})"
             )
-    return Verdict(not reasons, reasons, challenger, champion, p_value)
+    return Verdict(not reasons, reasons, challenger, champion, p_value, baseline)
 
 
 def mcnemar_p(ours: list[bool], theirs: list[bool]) -> float:

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from mmops.config import Params
 from mmops.environment import mlflow_client, tracking_uri
-from mmops.evaluation.records import ClassificationMetrics
+from mmops.evaluation.records import BaselineResult, ClassificationMetrics
 from mmops.export.records import ExportReport
 from mmops.tracking.gate import Verdict, gate, score
 
@@ -76,16 +76,31 @@ def version_description(tags: dict[str, str]) -> str:
 
 
 def gate_and_promote(
-    name: str, version: str, data_dir: Path | str, params: Params, reason: str
+    name: str,
+    version: str,
+    data_dir: Path | str,
+    params: Params,
+    reason: str,
+    baseline: BaselineResult | None = None,
 ) -> tuple[Verdict, bool]:
-    """Gate `version` against the champion of the moment and promote it if it passes."""
+    """Gate `version` against the champion of the moment and the classical baseline, and
+    promote it if it passes.
+
+    `baseline` is the one the evaluate stage fitted on the same data and params; without it the
+    baseline is fitted here (deterministic, so the same figures).
+    """
+    if baseline is None:
+        from mmops.evaluation.baseline import fit_baseline
+
+        # Outside the lock: it depends on the data and params only, not on the registry.
+        baseline = fit_baseline(data_dir, params)
     with _lock(name):
         current = champion_version(name)
         challenger = score(name, version, data_dir, params)
         champion = None
         if current is not None and current != version:
             champion = score(name, current, data_dir, params)
-        verdict = gate(challenger, champion, params.gate)
+        verdict = gate(challenger, champion, params.gate, baseline)
         _record_verdict(name, version, verdict)
         if verdict.passed:
             _move_champion(name, version, reason, action="promote")
@@ -218,6 +233,11 @@ def _record_verdict(name: str, version: str, verdict: Verdict) -> None:
     c.set_model_version_tag(
         name, version, "mmops.gate.accuracy", f"{verdict.challenger.accuracy:.6f}"
     )
+    if verdict.baseline is not None:
+        base = verdict.baseline
+        c.set_model_version_tag(
+            name, version, "mmops.gate.baseline", f"{base.kind} {base.test_accuracy:.6f}"
+        )
 
 
 def _who() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -49,3 +50,15 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def step_budget(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """`cfg` with epochs, and patience in proportion, raised to reach `cfg.min_steps` steps.
+
+    Epochs alone are the wrong unit across dataset sizes: 30 epochs of 300 rows are 240 steps,
+    too few to learn anything (measured: test accuracy 0.29, the baseline 0.46), while the
+    same 30 epochs of 2,000 rows are 1,500.
+    """
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / max(1, steps_per_epoch)))
+    patience = math.ceil(cfg.early_stopping_patience * epochs / cfg.epochs)
+    return dataclasses.replace(cfg, epochs=epochs, early_stopping_patience=patience)

@@ -24,6 +24,8 @@ class TrainProgress:
     best_epoch: int = 0
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    # Val accuracy a model must pass before early stopping counts: see `chance_floor`.
+    floor: float = 0.0
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainProgress:
@@ -41,13 +43,24 @@ class TrainProgress:
         if improved:
             self.best_val_accuracy, self.best_val_loss = accuracy, loss
             self.best_epoch, self.bad_epochs = self.epoch, 0
-        else:
+        elif self.best_val_accuracy > self.floor:
+            # Patience runs only once the model has learned something: a model at chance is
+            # on a plateau it usually leaves (measured: for 2 to 9 epochs when the label needs
+            # both modalities), and stopping there ends the run with nothing.
             self.bad_epochs += 1
         return improved
 
     def out_of_patience(self, patience: int) -> bool:
         """Whether early stopping (off when `patience` is 0) has run out of epochs to wait."""
         return bool(patience) and self.bad_epochs >= patience
+
+
+def chance_floor(labels: list[int]) -> float:
+    """The val accuracy of always guessing the commonest class, plus two standard errors."""
+    if not labels:
+        return 0.0
+    share = max(labels.count(label) for label in set(labels)) / len(labels)
+    return share + 2 * math.sqrt(share * (1 - share) / len(labels))
 
 
 @dataclass

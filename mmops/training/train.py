@@ -25,8 +25,8 @@ from mmops.training.loaders import (
     build_tokenizer,
     load_rows,
 )
-from mmops.training.optim import build_optimizer
-from mmops.training.progress import Tracker, TrainProgress, TrainResult
+from mmops.training.optim import build_optimizer, step_budget
+from mmops.training.progress import Tracker, TrainProgress, TrainResult, chance_floor
 from mmops.training.runtime import Runtime, barrier, setup_runtime, shutdown_runtime
 from mmops.training.steps import evaluate_loss, train_epoch, train_step
 
@@ -102,9 +102,10 @@ def _train(
     tokenizer = build_tokenizer(params.model, rows.train["text"])
     model = build_model(params.model, cfg, len(rows.labels), len(tokenizer), runtime)
     loaders = build_loaders(data_dir, rows, tokenizer, params, runtime)
+    cfg = step_budget(cfg, len(loaders.train))
     optimizer, scheduler = build_optimizer(model, cfg, len(loaders.train), runtime)
 
-    progress = TrainProgress()
+    progress = TrainProgress(floor=chance_floor(loaders.val.dataset.labels))
     checkpoint = out / CHECKPOINT_FILE
     if resume and checkpoint.is_file():
         progress = load_checkpoint(checkpoint, model, optimizer, scheduler, runtime.device)

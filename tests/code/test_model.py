@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
 from mmops.config import ConfigError, ModelConfig, load_params
+from mmops.config.sections import FUSIONS
 from mmops.data.dataset import read_manifest
 from mmops.model.classifier import (
     ConvStem,
@@ -21,7 +22,7 @@ from mmops.model.preprocess import train_tokenizer
 from mmops.model.storage import META_FILE, load_model, save_model
 from mmops.training.train import train
 
-FUSIONS = ("late", "concat", "cross_attention")
+ARCHS = (("cnn", "embedding"), ("vit", "bert"))
 VOCAB = 60
 LABELS = ["a", "b", "c", "d", "e"]
 BATCH = 6
@@ -169,10 +170,16 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize(("vision", "text"), ARCHS)
 def test_save_load_round_trip(
-    tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path, fusion: str
+    tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path, fusion: str, vision: str, text: str
 ) -> None:
-    config = tiny_config(tiny_overrides, f"model.fusion={fusion}")
+    config = tiny_config(
+        tiny_overrides,
+        f"model.fusion={fusion}",
+        f"model.vision.arch={vision}",
+        f"model.text.arch={text}",
+    )
     model = build(config, vocab_size=len(tokenizer))
     batch = make_batch(config, vocab_size=len(tokenizer))
 
@@ -194,7 +201,7 @@ def test_save_load_round_trip(
 def test_vision_stem_gives_the_patch_grid_and_round_trips(
     tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path, stem: str
 ) -> None:
-    config = tiny_config(tiny_overrides, f"model.vision.stem={stem}")
+    config = tiny_config(tiny_overrides, "model.vision.arch=vit", f"model.vision.stem={stem}")
     model = build(config, vocab_size=len(tokenizer))
     batch = make_batch(config, vocab_size=len(tokenizer))
     grid = (config.image_size // config.vision.patch_size) ** 2
@@ -210,19 +217,27 @@ def test_vision_stem_gives_the_patch_grid_and_round_trips(
         torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
 
 
-def test_model_saved_before_the_stem_option_loads_with_linear_patches(
+def test_model_saved_before_the_stem_and_arch_options_loads_as_a_vit_and_bert(
     tiny_overrides: tuple[str, ...], tokenizer, tmp_path: Path
 ) -> None:
-    config = tiny_config(tiny_overrides, "model.vision.stem=patch")
+    config = tiny_config(
+        tiny_overrides, "model.vision.arch=vit", "model.text.arch=bert", "model.vision.stem=patch"
+    )
     model = build(config, vocab_size=len(tokenizer))
+    batch = make_batch(config, vocab_size=len(tokenizer))
     folder = save_model(model, tokenizer, LABELS, tmp_path / "model")
     meta = json.loads((folder / META_FILE).read_text())
-    del meta["model"]["vision"]["stem"]
+    for section, key in (("vision", "stem"), ("vision", "arch"), ("text", "arch")):
+        del meta["model"][section][key]
+    del meta["vocab_size"]
     (folder / META_FILE).write_text(json.dumps(meta))
 
     loaded = load_model(folder)
 
     assert loaded.model.config.vision.stem == "patch"
+    assert (loaded.model.config.vision.arch, loaded.model.config.text.arch) == ("vit", "bert")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmops.config import Params
+from mmops.config import Params, load_params
 from mmops.data.dataset import load_splits
 from mmops.evaluation.evaluate import evaluate_model
 from mmops.evaluation.metrics import (
@@ -27,7 +27,7 @@ from mmops.evaluation.report import (
     METRICS_FILE,
     REPORT_FILE,
 )
-from mmops.training.train import TrainResult
+from mmops.training.train import TrainResult, train
 
 PERTURBATIONS = ("image_noise", "image_blur", "text_typos", "missing_image", "missing_text")
 # What MLflow accepts in a metric name (it also allows ':', except on Windows).
@@ -160,6 +160,42 @@ def test_plots_as_data_for_dvc(
     assert [
         (int(b["bin"]), float(b["confidence"]), float(b["accuracy"]), int(b["count"])) for b in bins
     ] == [(b.bin, b.confidence, b.accuracy, b.count) for b in report.calibration.curve]
+
+
+def test_baseline_is_reported_beside_the_model(evaluated: tuple[EvaluationReport, Path]) -> None:
+    report, out = evaluated
+    baseline = report.baseline
+    assert baseline is not None
+
+    assert baseline.kind in ("logistic", "mlp")
+    assert 0.0 <= baseline.test_accuracy <= 1.0
+    saved = json.loads((out / METRICS_FILE).read_text())["baseline"]
+    assert saved["test_accuracy"] == baseline.test_accuracy
+    assert saved["gain"] == pytest.approx(report.classification.accuracy - baseline.test_accuracy)
+    assert (
+        f"| baseline ({baseline.kind}) | {baseline.test_accuracy:.4f} |"
+        in (out / REPORT_FILE).read_text()
+    )
+
+
+def test_a_model_at_chance_is_reported_as_underfit_with_its_curve(
+    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    # One epoch at a learning rate that moves no weight: a model that has learnt nothing.
+    params = load_params(None, [*tiny_overrides, "train.epochs=1", "train.lr=0.000001"])
+    untrained = train(demo_dir, params, out_dir=tmp_path / "train", progress=False)
+
+    report = evaluate_model(untrained.model_dir, demo_dir, params, tmp_path / "evaluate")
+
+    found = report.underfit
+    assert found is not None
+    assert report.classification.accuracy <= found.chance + found.margin
+    assert [epoch["epoch"] for epoch in found.curve] == [1]
+    assert "train.epochs" in found.hint and "pretrained" in found.hint
+    assert json.loads((tmp_path / "evaluate" / METRICS_FILE).read_text())["underfit"]["curve"]
+    markdown = (tmp_path / "evaluate" / REPORT_FILE).read_text()
+    assert "## Underfit" in markdown and found.hint in markdown
+    assert "| 1 | " in markdown
 
 
 def test_flat_metrics_keys_are_legal_mlflow_names(
