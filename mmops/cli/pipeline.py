@@ -133,12 +133,15 @@ def evaluate(
     flat = flat_metrics(report)
     if metrics is not None:
         write_json(metrics, flat)
-    quality, ablation = report.classification, report.ablation
+    quality, ablation, baseline = report.classification, report.ablation, report.baseline
+    against = f"; {baseline.kind} baseline {baseline.test_accuracy:.4f}" if baseline else ""
     say(
         f"test accuracy {quality.accuracy:.4f}, macro-F1 {quality.macro_f1:.4f}; "
-        f"image only {ablation.image_only:.4f}, text only {ablation.text_only:.4f}; "
+        f"image only {ablation.image_only:.4f}, text only {ablation.text_only:.4f}{against}; "
         f"run {run_id}"
     )
+    if report.underfit is not None:
+        say(f"underfit: {report.underfit.hint}")
     if as_json:
         typer.echo(json.dumps({"run_id": run_id, **flat}))
 

@@ -1,5 +1,14 @@
 """Typed, frozen configuration read from `params.yaml`, the one source of pipeline settings."""
 
+from mmops.config.errors import ConfigError
+from mmops.config.learning import (
+    FUSIONS,
+    ModelConfig,
+    SearchConfig,
+    TextConfig,
+    TrainConfig,
+    VisionConfig,
+)
 from mmops.config.loader import (
     DEFAULT_PARAMS_FILE,
     apply_override,
@@ -11,31 +20,26 @@ from mmops.config.loader import (
 from mmops.config.sections import (
     BACKENDS,
     BaselineConfig,
-    ConfigError,
     DataConfig,
     DemoDataConfig,
     EvaluateConfig,
     ExportConfig,
     GateConfig,
     ImageLimits,
-    ModelConfig,
     Params,
     PredictConfig,
     ScheduleConfig,
-    SearchConfig,
     SplitRatios,
     SplitSizes,
     StreamConfig,
-    TextConfig,
     TrackingConfig,
-    TrainConfig,
     ValidateConfig,
-    VisionConfig,
 )
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_PARAMS_FILE",
+    "FUSIONS",
     "BaselineConfig",
     "ConfigError",
     "DataConfig",

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-# How the two modalities meet: mmops.model.classifier.MultimodalClassifier.
-FUSIONS = ("product", "concat", "late", "cross_attention")
+from mmops.config.errors import ConfigError
+from mmops.config.learning import (
+    ModelConfig,
+    TrainConfig,
+)
 
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not fit the config schema."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +48,10 @@ class DemoDataConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.n < 1 or not 32 <= self.image_size <= 1024:
-            raise ConfigError("demo_data: n must be >= 1, image_size between 32 and 1024")
+        if self.n < 1:
+            raise ConfigError("demo_data.n: must be >= 1")
+        if not 32 <= self.image_size <= 1024:
+            raise ConfigError("demo_data.image_size: must be between 32 and 1024")
 
 
 @dataclass(frozen=True)
@@ -83,160 +83,6 @@ class ValidateConfig:
     image: ImageLimits = field(default_factory=ImageLimits)
     # Processes that decode images; 0 means one per CPU core.
     workers: int = 0
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """The image encoder built from scratch (ignored when model.vision_pretrained is set)."""
-
-    # cnn: 3x3 convolutions down to a grid (mmops.model.encoders.ConvEncoder), the default:
-    # it learns from a few hundred images. vit: a ViT, which needs far more data from scratch.
-    arch: str = "cnn"
-    hidden_size: int = 128  # width of the tokens it hands to the fusion
-    channels: int = 32  # cnn: of the first stage; the later ones have twice as many
-    grid: int = 4  # cnn: the spatial grid the convolutions end on
-    patch_size: int = 8  # vit
-    num_hidden_layers: int = 3  # vit
-    num_attention_heads: int = 4  # vit
-    intermediate_size: int = 256  # vit
-    # vit: how pixels become patch tokens: `conv`, 3x3 convolutions (two per halving of the
-    # patch size, mmops.model.ConvStem), or `patch`, the plain ViT linear patch projection.
-    stem: str = "conv"
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("cnn", "vit"):
-            raise ConfigError(f"model.vision.arch: {self.arch!r} is not one of ('cnn', 'vit')")
-        if self.stem not in ("conv", "patch"):
-            raise ConfigError(f"model.vision.stem: {self.stem!r} is not one of ('conv', 'patch')")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(
-                "model.vision.patch_size: the conv stem needs a power of two >= 2, "
-                f"got {self.patch_size}"
-            )
-        if min(self.channels, self.grid, self.hidden_size) < 1:
-            raise ConfigError("model.vision: channels, grid and hidden_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """The text encoder built from scratch (ignored when model.text_pretrained is set)."""
-
-    # embedding: word-piece embeddings, a phrase convolution and mean/max pooling
-    # (mmops.model.encoders.EmbeddingEncoder), the default. bert: a BERT, which needs far
-    # more text than most labelled datasets have to learn from scratch.
-    arch: str = "embedding"
-    hidden_size: int = 128
-    num_hidden_layers: int = 2  # bert
-    num_attention_heads: int = 4  # bert
-    intermediate_size: int = 256  # bert
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("embedding", "bert"):
-            raise ConfigError(f"model.text.arch: {self.arch!r} is not one of ('embedding', 'bert')")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    fusion: str = "product"
-    image_size: int = 64
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    # A local save_pretrained folder or a hub name; the text one brings its own tokenizer.
-    vision_pretrained: str | None = None
-    text_pretrained: str | None = None
-    # For the tokenizer trained on the dataset's texts when no pretrained text model is given.
-    vocab_size: int = 2000
-    max_text_length: int = 32
-    hidden_dim: int = 128
-    fusion_layers: int = 2
-    fusion_heads: int = 4
-    dropout: float = 0.1
-    # Chance per training example of hiding one modality, for robustness to a missing one.
-    modality_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        fusions = FUSIONS
-        if self.fusion not in fusions:
-            raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {fusions}")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ConfigError("model.modality_dropout: must be in [0, 1)")
-
-
-def _default_space() -> dict[str, Any]:
-    return {
-        "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
-        "train.weight_decay": {"low": 0.0, "high": 0.1},
-        "model.dropout": {"low": 0.0, "high": 0.3},
-        "model.hidden_dim": {"choices": [64, 128, 256]},
-        "train.batch_size": {"choices": [16, 32, 64]},
-    }
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Optuna search before the final training (`mmops tune`; the retrain flow when enabled)."""
-
-    enabled: bool = False
-    trials: int = 20
-    timeout_s: float = 0.0  # 0: no limit
-    epochs: int = 0  # per trial; 0: train.epochs
-    seed: int = 0
-    out_dir: str = "models/search"
-    # Dotted params key -> {low, high[, log][, step]} or {choices: [...]}; the keys and values
-    # are checked against the params when a search starts (mmops.tracking.search_space).
-    space: dict[str, Any] = field(default_factory=_default_space)
-
-    def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError("train.search.trials: must be >= 1")
-        if self.timeout_s < 0 or self.epochs < 0:
-            raise ConfigError("train.search.timeout_s and train.search.epochs: must be >= 0")
-        if not isinstance(self.space, dict):
-            raise ConfigError(
-                f"train.search.space: must be a mapping of params keys, got {self.space!r}"
-            )
-        for key, entry in self.space.items():
-            if not isinstance(entry, dict):
-                raise ConfigError(
-                    f"train.search.space[{key!r}]: must be a mapping, {{low, high}} or "
-                    f"{{choices: [...]}}, got {entry!r}"
-                )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0
-    classification_weight: float = 1.0
-    contrastive_weight: float = 0.0
-    # Stop when val accuracy has not improved for this many epochs, counted only once it is
-    # above chance (a plateau at chance is waited out); 0 disables.
-    early_stopping_patience: int = 6
-    # A small dataset gets more epochs (and patience in proportion) to reach this many steps.
-    min_steps: int = 1500
-    seed: int = 0
-    num_workers: int = 2
-    # auto: CUDA when available, else CPU. Precision auto: bf16 autocast on CUDA, fp32 on CPU.
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    # Label-preserving image augmentation: none, flip (horizontal), or flip_rotate (flips and
-    # 90-degree turns). Orientation-sensitive tasks (left/right questions) need none or flip.
-    augment: str = "none"
-    out_dir: str = "models/train"
-    search: SearchConfig = field(default_factory=SearchConfig)
-
-    def __post_init__(self) -> None:
-        if self.augment not in ("none", "flip", "flip_rotate"):
-            raise ConfigError("train.augment: must be none, flip or flip_rotate")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError("train.precision: must be auto, fp32 or bf16")
-        if min(self.epochs, self.batch_size) < 1 or self.min_steps < 0:
-            raise ConfigError("train: epochs and batch_size must be >= 1, min_steps >= 0")
 
 
 @dataclass(frozen=True)

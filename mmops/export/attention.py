@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from onnxscript import FLOAT
 from torch import nn
 
+from mmops.model.classifier import is_transformers
+
 IMPLEMENTATION = "mmops_ort_mha"  # the transformers attention implementation names
 UNMASKED = "mmops_ort_mha_unmasked"
 
@@ -158,13 +160,20 @@ def fused_attention(model: nn.Module) -> Iterator[None]:
     # encoder cannot prove its all-true mask away: the vision tower is told there is none.
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     AttentionMaskInterface.register(UNMASKED, _no_mask)
-    configs = [model.vision.config, model.text.config]
+    # mmops's own encoders have no attention; only transformers encoders are switched.
+    switched = [
+        (encoder.config, implementation)
+        for encoder, implementation in ((model.vision, UNMASKED), (model.text, IMPLEMENTATION))
+        if is_transformers(encoder)
+    ]
+    configs = [config for config, _ in switched]
     previous = [getattr(c, "_attn_implementation", None) for c in configs]
-    layers = list(model.fusion.layers) if model.fusion is not None else []
+    decoder = isinstance(model.fusion, nn.TransformerDecoder)
+    layers = list(model.fusion.layers) if decoder else []
     originals = [(layer, layer.self_attn, layer.multihead_attn) for layer in layers]
     try:
-        model.vision.config._attn_implementation = UNMASKED
-        model.text.config._attn_implementation = IMPLEMENTATION
+        for config, implementation in switched:
+            config._attn_implementation = implementation
         for layer, self_attn, cross_attn in originals:
             layer.self_attn = FusedMultiheadAttention(self_attn)
             layer.multihead_attn = FusedMultiheadAttention(cross_attn)

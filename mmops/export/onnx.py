@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmops.export.attention import fused_attention, translation_table
-from mmops.model.classifier import MultimodalClassifier
+from mmops.model.classifier import MultimodalClassifier, is_transformers
 from mmops.model.preprocess import MODEL_INPUTS
 from mmops.model.storage import LoadedModel
 
@@ -70,7 +70,7 @@ def _export_eager(
 ) -> Any:
     # Eager attention exports as plain MatMul/Softmax; the SDPA path decomposes into extra
     # masking ops (Where, IsNaN) that cost ONNX Runtime about a tenth of its time. Same weights.
-    encoders = [loaded.model.vision.config, loaded.model.text.config]
+    encoders = [m.config for m in (loaded.model.vision, loaded.model.text) if is_transformers(m)]
     attention = [getattr(c, "_attn_implementation", None) for c in encoders]
     for config in encoders:
         config._attn_implementation = "eager"

@@ -81,10 +81,11 @@ class EmbeddingEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = attention_mask[..., None].to(self.positions.weight.dtype)
         words = self.embeddings(input_ids)
-        phrases = torch.relu(self.phrase((words + self.positions(positions)).transpose(1, 2)))
-        tokens = self.dropout(phrases.transpose(1, 2))
-        mask = attention_mask[..., None].to(tokens.dtype)
+        # Padding is zeroed before the convolution: a text reads the same padded or not.
+        placed = (words + self.positions(positions)) * mask
+        tokens = self.dropout(torch.relu(self.phrase(placed.transpose(1, 2))).transpose(1, 2))
         # A sum, not a mean, of the words: in a mean, the one word that matters ("seven") is
         # diluted by every other word of the sentence, and learning stalls for epochs.
         bag = (words * mask).sum(1)

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
-from mmops.config import ConfigError, ModelConfig, load_params
-from mmops.config.sections import FUSIONS
+from mmops.config import FUSIONS, ConfigError, ModelConfig, load_params
 from mmops.data.dataset import read_manifest
 from mmops.model.classifier import (
     ConvStem,

@@ -10,8 +10,12 @@ from mmops.model.classifier import MultimodalClassifier, build_encoders
 VOCAB = 40
 
 
+# The attention this routes: transformers encoders and the cross-attention fusion.
+WITH_ATTENTION = ("model.vision.arch=vit", "model.text.arch=bert", "model.fusion=cross_attention")
+
+
 def tiny_model(overrides: tuple[str, ...]) -> MultimodalClassifier:
-    config = load_params(None, list(overrides)).model
+    config = load_params(None, [*overrides, *WITH_ATTENTION]).model
     torch.manual_seed(0)
     vision, text = build_encoders(config, VOCAB)
     return MultimodalClassifier(config, 3, vision, text).eval()

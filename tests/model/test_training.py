@@ -16,8 +16,10 @@ from mmops.config import Params, load_params
 from mmops.data.dataset import load_splits
 from mmops.model.preprocess import Collator, MultimodalDataset, model_inputs
 from mmops.model.storage import WEIGHTS_FILE, LoadedModel, load_model
+from mmops.training import train as train_module
 from mmops.training.history import CURVE_COLUMNS, HISTORY_CSV_FILE
 from mmops.training.progress import TrainProgress
+from mmops.training.steps import LossAccuracy
 from mmops.training.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, train
 
 # Wall-clock measurements: the only history entries that may differ between identical runs.
@@ -179,7 +181,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
 
 @pytest.fixture(scope="module")
 def frozen_params(tiny_overrides: tuple[str, ...]) -> Params:
-    """lr 0: val accuracy cannot change, so patience 1 stops after the second epoch."""
+    """lr 0: the weights stay at their random start, a model at chance; patience 1."""
     return load_params(
         None,
         [*tiny_overrides, "train.epochs=4", "train.lr=0", "train.early_stopping_patience=1"],
@@ -191,7 +193,21 @@ def early_stopped(
     demo_dir: Path, frozen_params: Params, tmp_path_factory: pytest.TempPathFactory
 ) -> TrainResult:
     out = tmp_path_factory.mktemp("early_stopped")
-    return train(demo_dir, frozen_params, out, progress=False)
+    # Val scores that never improve on the first epoch's, above chance: patience runs out after
+    # epoch 2. (lr 0 alone no longer fixes them: batch norm statistics still move.)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "chance_floor", lambda labels: 0.0)
+        patch.setattr(train_module, "evaluate_loss", lambda *args: LossAccuracy(1.0, 0.5))
+        return train(demo_dir, frozen_params, out, progress=False)
+
+
+def test_a_model_at_chance_is_waited_out_not_stopped(
+    demo_dir: Path, frozen_params: Params, tmp_path: Path
+) -> None:
+    result = train(demo_dir, frozen_params, tmp_path, progress=False)
+
+    assert not result.stopped_early
+    assert result.epochs_run == frozen_params.train.epochs
 
 
 def test_early_stopping_when_val_accuracy_cannot_improve(
