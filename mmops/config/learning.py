@@ -97,6 +97,7 @@ def _default_space() -> dict[str, Any]:
         "train.batch_size": {"choices": [16, 32, 64]},
         "model.vision.channels": {"choices": [16, 32, 64]},
         "model.fusion": {"choices": ["product", "concat"]},
+        "train.augment": {"choices": ["none", "noise"]},
     }
 
 
@@ -159,8 +160,8 @@ class TrainConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
-        if self.augment not in ("none", "flip", "flip_rotate"):
-            raise ConfigError("train.augment: must be none, flip or flip_rotate")
+        if self.augment not in ("none", "noise", "flip", "flip_rotate"):
+            raise ConfigError("train.augment: must be none, noise, flip or flip_rotate")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision: must be auto, fp32 or bf16")
         if self.epochs < 1 or self.batch_size < 1:

@@ -88,14 +88,21 @@ def evaluate_loss(model: torch.nn.Module, loader: DataLoader, runtime: Runtime) 
     return LossAccuracy(total_loss / max(seen, 1), correct / max(seen, 1))
 
 
+# Pixel noise of `noise` augmentation: a tenth of the pixel range ([-1, 1] here) as std.
+NOISE_STD = 0.2
+
+
 def augment(pixels: torch.Tensor, mode: str) -> torch.Tensor:
-    """Random flips (and 90-degree turns) per image, on the device.
+    """Gaussian pixel noise, or random flips (and 90-degree turns), per image, on the device.
 
     Drawn from the main process's torch RNG, which is seeded per epoch: a resumed run sees the
     same augmented images as an uninterrupted one, whatever the DataLoader workers do.
     """
     if mode == "none":
         return pixels
+    if mode == "noise":
+        noise = torch.randn(pixels.shape, dtype=pixels.dtype).to(pixels.device)
+        return pixels + NOISE_STD * noise
     n = pixels.shape[0]
     flip = torch.rand(n) < 0.5
     pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)

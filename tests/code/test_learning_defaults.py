@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mmops.config import TrainConfig, load_params
 from mmops.training.optim import step_budget
 from mmops.training.progress import TrainProgress, chance_floor
+from mmops.training.steps import augment
 
 
 def epoch(accuracy: float, loss: float = 1.0) -> dict[str, float]:
@@ -71,3 +73,17 @@ def test_old_checkpoints_without_a_floor_resume() -> None:
     saved = {"epoch": 3, "best_val_accuracy": 0.5, "best_val_loss": 1.0, "best_epoch": 2}
 
     assert TrainProgress.from_dict(saved).floor == 0.0
+
+
+def test_noise_augmentation_is_seeded_and_keeps_the_image() -> None:
+    pixels = torch.zeros(4, 3, 8, 8)
+
+    torch.manual_seed(0)
+    first = augment(pixels, "noise")
+    torch.manual_seed(0)
+    again = augment(pixels, "noise")
+
+    torch.testing.assert_close(first, again)
+    assert first.shape == pixels.shape
+    assert 0.15 < float(first.std()) < 0.25  # NOISE_STD, a tenth of the [-1, 1] range
+    assert augment(pixels, "none") is pixels

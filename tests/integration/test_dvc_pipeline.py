@@ -111,22 +111,9 @@ def test_committed_lock_matches_a_fresh_demo_dataset(tmp_path: Path) -> None:
 
 
 TINY_MODEL = {
-    "vision": {
-        "patch_size": 16,
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    },
-    "text": {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    },
+    "vision": {"arch": "cnn", "hidden_size": 32, "channels": 8},
+    "text": {"arch": "embedding", "hidden_size": 32},
     "hidden_dim": 32,
-    "fusion_layers": 1,
-    "fusion_heads": 2,
 }
 
 
@@ -135,7 +122,7 @@ def test_full_pipeline_train_evaluate_export(clone: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     for key, value in TINY_MODEL.items():
         params["model"][key] = value
-    params["train"].update(epochs=2, num_workers=0)
+    params["train"].update(epochs=2, min_steps=0, num_workers=0)
     params["evaluate"].update(latency_repeats=3, bootstrap_samples=50)
     params["export"].update(latency_repeats=3)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
