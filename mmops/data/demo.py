@@ -148,7 +148,7 @@ def make_demo_data(
 ) -> Path:
     """Write a demo dataset of `n` examples to `out_dir` and return its manifest path."""
     out = Path(out_dir)
-    _clear_previous(out)
+    clear_generated(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     if n < _PARALLEL_FROM or workers == 1:
@@ -170,18 +170,18 @@ def make_demo_data(
     return manifest
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove an earlier demo dataset; refuse to touch a directory that holds anything else."""
+def clear_generated(out: Path, generator: str = GENERATOR) -> None:
+    """Remove a dataset `generator` wrote earlier; refuse a directory that holds anything else."""
     if not out.exists() or not any(out.iterdir()):
         return
     card = out / CARD_NAME
     try:
-        is_demo = json.loads(card.read_text()).get("generator") == GENERATOR
+        ours = json.loads(card.read_text()).get("generator") == generator
     except (OSError, ValueError):
-        is_demo = False
-    if not is_demo:
+        ours = False
+    if not ours:
         raise FileExistsError(
-            f"{out}: not empty and not an mmops demo dataset; refusing to overwrite"
+            f"{out}: not empty and not a dataset `{generator}` wrote; refusing to overwrite"
         )
     shutil.rmtree(out / "images", ignore_errors=True)
     for name in ("manifest.jsonl", CARD_NAME):

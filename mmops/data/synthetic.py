@@ -9,7 +9,6 @@ files.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmops.data.demo import CARD_NAME, clear_generated
 from mmops.data.synthetic_images import (
     COLOUR_NAMES,
     SHAPES,
@@ -46,7 +46,6 @@ from mmops.data.synthetic_texts import (
     TOPICS,
 )
 
-CARD_NAME = "dataset.json"
 GENERATOR = "mmops synthetic"
 COMPOSITIONAL_K = 5
 
@@ -255,7 +254,7 @@ def write_family(
     """Write family `name` as a dataset in the contract under `root`; return its manifest path."""
     examples = generate_family(name, n, seed, image_size)
     out = Path(root)
-    _clear_previous(out)
+    clear_generated(out, GENERATOR)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index, example in enumerate(examples):
@@ -282,20 +281,3 @@ def write_family(
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return manifest
-
-
-def _clear_previous(out: Path) -> None:
-    """Remove an earlier synthetic dataset; refuse to touch a directory that holds anything else."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        ours = json.loads((out / CARD_NAME).read_text()).get("generator") == GENERATOR
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise FileExistsError(
-            f"{out}: not empty and not an mmops synthetic dataset; refusing to overwrite"
-        )
-    shutil.rmtree(out / "images", ignore_errors=True)
-    for name in ("manifest.jsonl", CARD_NAME):
-        (out / name).unlink(missing_ok=True)
