@@ -76,8 +76,10 @@ def promote(
     from mmops.tracking.registry import promote as promote_version
 
     name = load_command_params(params_file, overrides).tracking.registered_model
-    promote_version(name, version, reason)
-    say(f"{name}: champion is v{version}")
+    if promote_version(name, version, reason):
+        say(f"{name}: champion is v{version}")
+    else:
+        say(f"{name}: v{version} is already the champion; nothing changed or recorded")
 
 
 @command()
@@ -86,7 +88,7 @@ def rollback(
     params_file: ParamsOption = None,
     overrides: SetOption = None,
 ) -> None:
-    """Move the champion alias back to the previous champion."""
+    """Move the champion alias back to the previous champion; again, to the one before it."""
     from mmops.tracking.registry import rollback as rollback_champion
 
     name = load_command_params(params_file, overrides).tracking.registered_model

@@ -167,6 +167,7 @@ class StreamConfig:
     # threads unless predict.threads says otherwise.
     workers: int = 2
     max_event_bytes: int = 16_000_000  # an event's raw value; base64 images are ~4/3 their bytes
+    max_id_chars: int = 1024  # an event's id is its prediction's key; longer ids are dead-lettered
     model_poll_s: float = 10.0  # how often to look for a new champion
     # How long the group waits for a dead consumer before giving its partitions to another.
     session_timeout_ms: int = 10_000
@@ -174,9 +175,11 @@ class StreamConfig:
     metrics_port: int = 9108  # Prometheus /metrics; 0 disables
 
     def __post_init__(self) -> None:
-        if min(self.partitions, self.max_batch, self.workers, self.max_event_bytes) < 1:
+        sizes = (self.partitions, self.max_batch, self.workers, self.max_event_bytes)
+        if min(*sizes, self.max_id_chars) < 1:
             raise ConfigError(
-                "stream: partitions, max_batch, workers and max_event_bytes must be >= 1"
+                "stream: partitions, max_batch, workers, max_event_bytes and max_id_chars "
+                "must be >= 1"
             )
         if self.max_wait_ms < 0 or self.model_poll_s <= 0:
             raise ConfigError("stream: max_wait_ms must be >= 0 and model_poll_s > 0")

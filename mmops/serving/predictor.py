@@ -121,6 +121,11 @@ class Predictor:
                 results.append({"id": record_id})
             except RecordError as error:
                 results.append({"id": record_id, "error": str(error), "reason": error.reason})
+            except Exception as error:  # one record's bytes never fail the others
+                message = f"record: cannot preprocess ({type(error).__name__}: {error})"
+                results.append(
+                    {"id": record_id, "error": message[:1000], "reason": "preprocess_failed"}
+                )
         outputs = self.run(examples)
         best = outputs.probs.argmax(axis=1).tolist()
         for slot, index, probs in zip(slots, best, outputs.probs.tolist(), strict=True):
@@ -182,7 +187,8 @@ class Predictor:
             return open_image(data, max_pixels=cfg.max_image_pixels)
         except ValueError as error:  # too many pixels, checked before decoding
             raise RecordError(f"image: {error}", "image_too_many_pixels") from None
-        except OSError as error:  # PIL's UnidentifiedImageError and truncated files
+        except (OSError, SyntaxError, EOFError) as error:
+            # PIL's UnidentifiedImageError, truncated files, and SyntaxError for a broken chunk
             raise RecordError(f"image: cannot decode ({error})", "image_undecodable") from None
 
 

@@ -1,14 +1,16 @@
 """What a micro-batch produces: one prediction per good event, one dead letter per bad one.
 
 `predict_messages` runs on a worker thread and never touches the clients; `send_outputs` runs on
-the serving thread and returns only once the broker has acknowledged every record it sent.
+the serving thread and returns only once the broker has acknowledged every record it sent. Each
+record is isolated: whatever one event's bytes, size or headers, an error in decoding,
+predicting, serialising or sending it dead-letters that event and the batch goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,14 @@ import orjson
 
 from mmops.config import StreamConfig
 from mmops.serving.predictor import Predictor
-from mmops.stream.events import EventError, dead_letter_headers, decode_event, prediction_value
+from mmops.stream.events import (
+    PREFIX_BYTES,
+    DeadLetter,
+    EventError,
+    dead_letter,
+    decode_event,
+    prediction_value,
+)
 from mmops.stream.logs import log_data
 
 log = logging.getLogger(__name__)
@@ -35,11 +44,16 @@ class Served:
     dead: list[tuple[Any, str, str]]
 
 
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
 def predict_messages(
     predictor: Predictor,
     batch: Sequence[Any],
     max_event_bytes: int,
     observe_model_s: Callable[[float], None] = lambda _: None,
+    max_id_chars: int = 1024,
 ) -> Served:
     """A batch's output messages, in input order; the predictor runs once, on the good events."""
     received = time.time()
@@ -47,47 +61,159 @@ def predict_messages(
     dead: list[tuple[Any, str, str]] = []
     for message in batch:
         try:
-            events.append((message, decode_event(message.value, max_event_bytes)))
+            events.append((message, decode_event(message.value, max_event_bytes, max_id_chars)))
         except EventError as error:
             dead.append((message, error.reason, str(error)))
+        except Exception as error:  # whatever the bytes, one event never fails its batch
+            dead.append((message, "undecodable", describe(error)))
     start = time.perf_counter()
-    results = predictor.predict_batch([event for _, event in events])
+    results = predict_isolated(predictor, [event for _, event in events])
     observe_model_s(time.perf_counter() - start)
     now = time.time()
     predictions = []
     for (message, event), result in zip(events, results, strict=True):
         if "error" in result:
-            dead.append((message, result.get("reason", "invalid_record"), result["error"]))
+            dead.append(
+                (message, str(result.get("reason", "invalid_record")), str(result["error"]))
+            )
             continue
-        value = prediction_value(event, result, received, now)
-        predictions.append((message, value["id"].encode(), orjson.dumps(value, default=str)))
+        try:
+            value = prediction_value(event, result, received, now)
+            predictions.append((message, value["id"].encode(), orjson.dumps(value, default=str)))
+        except Exception as error:  # e.g. an extra field nested past orjson's depth limit
+            dead.append((message, "unserialisable", describe(error)))
     return Served(predictions, dead)
 
 
-def send_outputs(producer: Any, cfg: StreamConfig, served: Served) -> None:
-    """Send a batch's predictions and dead letters (with the event's own bytes and headers);
-    DeliveryError unless the broker acknowledged them all."""
-    sends = [producer.send(cfg.output_topic, key=k, value=v) for _, k, v in served.predictions]
-    for message, reason, error in served.dead:
-        sends.append(
-            producer.send(
-                cfg.dead_letter_topic,
-                key=message.key if message.key is not None or message.value else b"",
-                value=message.value,
-                headers=dead_letter_headers(message, reason, error),
-            )
-        )
+def predict_isolated(predictor: Predictor, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`predict_batch`'s results; a batch that fails as a whole is split in halves until each
+    record that fails alone is found, which gets an error result (reason `predict_failed`)."""
+    try:
+        results = predictor.predict_batch(records)
+        if len(results) != len(records):
+            raise RuntimeError(f"{len(results)} results for {len(records)} records")
+        return results
+    except Exception as error:
+        if len(records) <= 1:
+            return [
+                {"id": _id(r), "error": describe(error), "reason": "predict_failed"}
+                for r in records
+            ]
         log.warning(
-            "dead letter",
-            extra=log_data(
-                reason=reason,
-                error=error,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-            ),
+            "batch failed; splitting it",
+            extra=log_data(records=len(records), error=describe(error)),
         )
+        middle = len(records) // 2
+        return predict_isolated(predictor, records[:middle]) + predict_isolated(
+            predictor, records[middle:]
+        )
+
+
+def _id(record: Any) -> Any:
+    return record.get("id") if isinstance(record, Mapping) else None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One record to send: a prediction (`reason` None) or a dead letter of `message`."""
+
+    topic: str
+    message: Any
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+    reason: str | None = None
+    error: str = ""
+
+
+def send_outputs(producer: Any, cfg: StreamConfig, served: Served) -> Served:
+    """Send a batch's predictions and dead letters (with the event's own bytes and headers);
+    DeliveryError unless the broker acknowledged them all. A record the broker can never take
+    (too large, a bad topic, no rights, bad headers) is replaced by a small dead letter; returns
+    what was sent."""
+    records = [Outgoing(cfg.output_topic, m, k, v) for m, k, v in served.predictions]
+    for message, reason, error in served.dead:
+        letter = dead_letter(message, reason, error, cfg.max_event_bytes)
+        records.append(_dead(cfg, message, reason, error, letter))
+    refused = _send_all(producer, records)
+    if not refused:
+        return served
+    fallbacks = []
+    for record, problem in refused:
+        reason = record.reason or "unsendable"
+        error = f"{record.error} (refused: {describe(problem)})".strip()
+        letter = dead_letter(record.message, reason, error, PREFIX_BYTES, original_headers=False)
+        fallbacks.append(_dead(cfg, record.message, reason, error, letter))
+    again = _send_all(producer, fallbacks)
+    if again:
+        raise DeliveryError(f"dead letters refused: {describe(again[0][1])}")
+    gone = {id(record.message) for record, _ in refused}
+    return Served(
+        [p for p in served.predictions if id(p[0]) not in gone],
+        [d for d in served.dead if id(d[0]) not in gone]
+        + [(f.message, f.reason or "", f.error) for f in fallbacks],
+    )
+
+
+def _dead(cfg: StreamConfig, message: Any, reason: str, error: str, letter: DeadLetter) -> Outgoing:
+    log.warning(
+        "dead letter",
+        extra=log_data(
+            reason=reason,
+            error=error,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+        ),
+    )
+    topic = cfg.dead_letter_topic
+    return Outgoing(topic, message, letter.key, letter.value, letter.headers, reason, error)
+
+
+def _send_all(producer: Any, records: Sequence[Outgoing]) -> list[tuple[Outgoing, BaseException]]:
+    """Send and flush; returns the records refused for good, raises DeliveryError (or the
+    client's retriable error) if any other send was not acknowledged."""
+    sends, refused = [], []
+    for record in records:
+        try:
+            future = producer.send(
+                record.topic, key=record.key, value=record.value, headers=record.headers
+            )
+        except Exception as error:
+            if not _refused_for_good(error):
+                raise  # e.g. no metadata in time: the loop retries the batch
+            refused.append((record, error))
+            continue
+        sends.append((record, future))
     producer.flush()
-    failed = [f.exception for f in sends if not f.is_done or f.failed()]
+    failed = []
+    for record, future in sends:
+        if future.is_done and future.failed() and _refused_for_good(future.exception):
+            refused.append((record, future.exception))
+        elif not future.is_done or future.failed():
+            failed.append(future.exception)
     if failed:
         raise DeliveryError(f"{len(failed)} of {len(sends)} sends failed: {failed[0]}")
+    return refused
+
+
+def _refused_for_good(error: BaseException) -> bool:
+    """An error that sending the same record again can never fix."""
+    from kafka import errors
+
+    if not isinstance(error, errors.KafkaError):
+        return True  # the client refused the record itself (TypeError, ValueError)
+    return isinstance(error, _per_record_errors())
+
+
+def _per_record_errors() -> tuple[type[BaseException], ...]:
+    from kafka import errors
+
+    return (
+        errors.MessageSizeTooLargeError,
+        errors.RecordListTooLargeError,
+        errors.InvalidTopicError,
+        errors.TopicAuthorizationFailedError,
+        errors.InvalidRecordError,
+        errors.CorruptRecordError,
+    )

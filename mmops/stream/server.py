@@ -277,8 +277,9 @@ class StreamServer:
         assert predictor is not None and workers is not None
         self.stats.first_event_at = self.stats.first_event_at or time.time()
         limit, observe = self.cfg.max_event_bytes, self.metrics.model_latency.observe
+        ids = self.cfg.max_id_chars
         self._batches.dispatch(
-            lambda batch: workers.submit(predict_messages, predictor, batch, limit, observe)
+            lambda batch: workers.submit(predict_messages, predictor, batch, limit, observe, ids)
         )
 
     def _deliver(self) -> None:
@@ -289,7 +290,7 @@ class StreamServer:
 
     def _send(self, batch: Sequence[Any], served: Served) -> None:
         """Send a batch's predictions and dead letters; once all are acknowledged, commit it."""
-        send_outputs(self.producer, self.cfg, served)
+        served = send_outputs(self.producer, self.cfg, served)
         acked = time.time()
         for message, _, _ in served.predictions:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))

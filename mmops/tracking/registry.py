@@ -1,9 +1,9 @@
 """The model registry in MLflow: versions, the challenger-versus-champion gate, promotion, rollback.
 
 Aliases carry the state (`champion`, `challenger`). MLflow keeps no history of alias moves, so
-every move is also written to the version's tags and to an append-only log on the registered
-model (tag `mmops.champion_history`), which is what `rollback` reads. Gate-and-promote runs under
-a lock, so two runs finishing together cannot interleave their reads and alias moves.
+every move is also written to the version's tags and to a write-ahead log on the registered
+model (`mmops.tracking.history`), which is what `rollback` walks. Gate-and-promote runs under
+a lock, so two runs on one host finishing together cannot interleave their reads and alias moves.
 """
 
 from __future__ import annotations
@@ -11,30 +11,32 @@ from __future__ import annotations
 import fcntl
 import getpass
 import hashlib
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mmops.config import Params
 from mmops.environment import mlflow_client, tracking_uri
 from mmops.evaluation.records import BaselineResult, ClassificationMetrics
 from mmops.export.records import ExportReport
+from mmops.tracking import history as champion_log
 from mmops.tracking.gate import Verdict, gate, score
+from mmops.tracking.lease import LeaseTimeout, promotion_lease
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-HISTORY_TAG = "mmops.champion_history"
-_HISTORY_KEEP = 30  # entries in the registered-model tag; version tags keep the rest
+HISTORY_TAG = champion_log.HISTORY_TAG
+SOURCE_TAG = "mmops.model_uri"  # what a version was registered from: a retry finds it
 # Tag values cut below 5000 characters: MLflow's SQL stores hold registered-model tags in
 # VARCHAR(5000), and version tags too on schemas older than its tag-limit migration.
 TAG_VALUE_LIMIT = 4900
@@ -45,19 +47,33 @@ class RegistryError(RuntimeError):
 
 
 def champion_version(name: str) -> str | None:
-    """The version the `champion` alias points at, or None before the first promotion."""
+    """The version the `champion` alias points at, or None before the first promotion.
+
+    Only a missing model or alias means no champion; any other error (denied, server down)
+    propagates, so a challenger is never gated as if it were the first model.
+    """
     try:
-        return str(mlflow_client().get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
-        return None
+        aliases = mlflow_client().get_registered_model(name).aliases
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
 
 
 def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
-    """A new version of `name` from a logged model, tagged, with the `challenger` alias."""
+    """The version of `name` registered from `model_uri`, tagged, with the `challenger` alias.
+
+    Idempotent: a retry after a failure finds the version the first attempt created.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    version = _registered_from(name, model_uri)
+    if version is None:
+        mlflow.set_tracking_uri(tracking_uri())
+        tags = {**tags, SOURCE_TAG: model_uri}
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     c = mlflow_client()
     c.update_model_version(name, version, description=version_description(tags))
     c.set_registered_model_alias(name, CHALLENGER, version)
@@ -107,37 +123,43 @@ def gate_and_promote(
         return verdict, verdict.passed
 
 
-def promote(name: str, version: str, reason: str) -> None:
-    """Make `version` the champion by hand (no gate), recording who, when and why."""
+def promote(name: str, version: str, reason: str) -> bool:
+    """Make `version` the champion by hand (no gate), recording who, when and why.
+
+    False, and nothing recorded, when `version` already is the champion.
+    """
     with _lock(name):
-        try:
-            mlflow_client().get_model_version(name, version)
-        except MlflowException:
-            raise RegistryError(f"{name} has no version {version}") from None
-        _move_champion(name, version, reason, action="promote")
+        if not _exists(name, version):
+            raise RegistryError(f"{name} has no version {version}")
+        return _move_champion(name, version, reason, action="promote")
 
 
 def rollback(name: str, reason: str) -> str:
-    """Move `champion` back to the version that held it before the current one."""
+    """Move `champion` down the stack of earlier champions; the version left is off the stack.
+
+    A second rollback goes further back, never to the version the first one left; a version
+    since deleted is skipped. RegistryError when there is nothing earlier.
+    """
     with _lock(name):
         current = champion_version(name)
         if current is None:
             raise RegistryError(f"{name} has no champion to roll back")
-        previous = None
-        for entry in reversed(history(name)):
-            if entry["version"] == current and entry.get("previous"):
-                previous = entry["previous"]
-                break
-        if previous is None:
-            raise RegistryError(f"{name}: champion v{current} has no earlier champion")
-        _move_champion(name, previous, reason, action="rollback")
-        return previous
+        c = mlflow_client()
+        champion_log.recover(c, name, current)
+        earlier = champion_log.stack(champion_log.read(c, name), current)[:-1]
+        target = next((v for v in reversed(earlier) if _exists(name, v)), None)
+        if target is None:
+            raise RegistryError(
+                f"{name}: nothing earlier to roll back to (champion v{current} is the oldest "
+                "in the history)"
+            )
+        _move_champion(name, target, reason, action="rollback")
+        return target
 
 
 def history(name: str) -> list[dict[str, Any]]:
-    """Alias moves, oldest first: version, previous, action, at, by, reason."""
-    tags = mlflow_client().get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+    """Alias moves, oldest first: version, previous, action, at, by, reason, state."""
+    return champion_log.read(mlflow_client(), name)
 
 
 def list_versions(name: str) -> list[dict[str, Any]]:
@@ -204,24 +226,47 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _move_champion(name: str, version: str, reason: str, action: str) -> None:
+def _move_champion(name: str, version: str, reason: str, action: str) -> bool:
+    """Log the move, move the alias, mark the move done; False when `version` is champion."""
     c = mlflow_client()
     previous = champion_version(name)
+    champion_log.recover(c, name, previous)
+    if previous == version:
+        log.info("%s: v%s already is the champion; nothing moved", name, version)
+        return False
+    entry = champion_log.entry(version, previous, action, _who(), reason)
+    champion_log.begin(c, name, entry)
     c.set_registered_model_alias(name, CHAMPION, version)
-    entry = {
-        "version": version,
-        "previous": previous,
-        "action": action,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "by": _who(),
-        "reason": reason,
-    }
-    for key in ("at", "by", "reason", "action"):
-        c.set_model_version_tag(name, version, f"mmops.champion.{key}", str(entry[key]))
-    c.set_model_version_tag(name, version, "mmops.champion.previous", str(previous))
-    entries = [*history(name)[-(_HISTORY_KEEP - 1) :], entry]
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(entries))
-    log.info("%s: champion v%s -> v%s (%s: %s)", name, previous, version, action, reason)
+    champion_log.commit(c, name, entry)
+    return True
+
+
+def _missing(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _exists(name: str, version: str) -> bool:
+    try:
+        mlflow_client().get_model_version(name, version)
+    except MlflowException as exc:
+        if _missing(exc):
+            return False
+        raise
+    return True
+
+
+def _registered_from(name: str, model_uri: str) -> str | None:
+    """The version an earlier attempt registered from `model_uri`, if any."""
+    try:
+        versions = mlflow_client().search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if v.tags.get(SOURCE_TAG) == model_uri or v.source == model_uri:
+            return str(v.version)
+    return None
 
 
 def _record_verdict(name: str, version: str, verdict: Verdict) -> None:
@@ -246,10 +291,10 @@ def _who() -> str:
 
 @contextmanager
 def _lock(name: str) -> Iterator[None]:
-    """A host-wide lock per (store, model): one gate-and-promote or alias move at a time.
+    """One gate-and-promote or alias move at a time per (store, model).
 
-    Runs on several hosts against one tracking server also take the Prefect concurrency limit
-    `mmops-registry` in the flow (see flows/retrain.py); MLflow itself has no compare-and-set.
+    A file lock serialises the processes of one host; the lease on the registered model
+    (`mmops.tracking.lease`) serialises hosts, as far as MLflow without compare-and-set allows.
     """
     key = hashlib.sha256(f"{tracking_uri()}|{name}".encode()).hexdigest()[:16]
     folder = Path(os.environ.get("MMOPS_LOCK_DIR", tempfile.gettempdir()))
@@ -257,7 +302,12 @@ def _lock(name: str) -> Iterator[None]:
     with (folder / f"mmops-registry-{key}.lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            with ExitStack() as held:
+                try:
+                    held.enter_context(promotion_lease(mlflow_client(), name))
+                except LeaseTimeout as exc:
+                    raise RegistryError(str(exc)) from None
+                yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

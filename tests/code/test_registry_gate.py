@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 
 from mmops.config import GateConfig
 from mmops.evaluation.records import ClassificationMetrics
 from mmops.export.records import ExportReport, Gates, ParityResult
+from mmops.tracking import registry
 from mmops.tracking.gate import Score, gate, mcnemar_p
 from mmops.tracking.registry import TAG_VALUE_LIMIT, reasons_tag, registration_tags
 from mmops_flows.support import is_transient_error
@@ -106,3 +110,59 @@ def test_tag_values_are_cut_to_mlflows_limit() -> None:
     assert reasons_tag([]) == "none"
     assert reasons_tag(["a", "b"]) == "a; b"
     assert len(reasons_tag(["x" * 6000])) == TAG_VALUE_LIMIT
+
+
+class FailingClient:
+    """An MLflow client whose registry reads all fail with one error code."""
+
+    def __init__(self, error_code: str) -> None:
+        self.error_code = error_code
+
+    def __getattr__(self, method: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            code = getattr(databricks_pb2, self.error_code)
+            raise MlflowException(f"{method}: {self.error_code}", error_code=code)
+
+        return fail
+
+
+@pytest.mark.parametrize("code", ["PERMISSION_DENIED", "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"])
+def test_a_registry_error_is_not_taken_for_no_champion(
+    code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "mlflow_client", lambda: FailingClient(code))
+    with pytest.raises(MlflowException, match=code):
+        registry.champion_version("m")
+
+
+def test_a_missing_model_means_no_champion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "mlflow_client", lambda: FailingClient("RESOURCE_DOES_NOT_EXIST"))
+    assert registry.champion_version("m") is None
+
+
+def moves(*steps: tuple[str, str, str | None]) -> list[dict[str, Any]]:
+    return [{"action": a, "version": v, "previous": p, "state": "done"} for a, v, p in steps]
+
+
+def test_the_rollback_stack_drops_the_versions_rolled_back_from() -> None:
+    from mmops.tracking.history import stack
+
+    promoted = moves(("promote", "1", None), ("promote", "2", "1"), ("promote", "3", "2"))
+    assert stack(promoted, "3") == ["1", "2", "3"]
+    back = [*promoted, *moves(("rollback", "2", "3"))]
+    assert stack(back, "2") == ["1", "2"]
+    # A version promoted again moves to the top instead of appearing twice.
+    again = [*promoted, *moves(("promote", "1", "3"))]
+    assert stack(again, "1") == ["2", "3", "1"]
+
+
+def test_the_rollback_stack_skips_pending_moves_and_follows_the_alias() -> None:
+    from mmops.tracking.history import stack
+
+    entries = moves(("promote", "1", None), ("promote", "2", "1"))
+    entries[-1]["state"] = "pending"
+    assert stack(entries, "1") == ["1"]
+    # Champion set outside mmops: it counts as the latest promotion.
+    assert stack(moves(("promote", "1", None)), "5") == ["1", "5"]
+    # A log written before the states existed counts as done.
+    assert stack([{"action": "promote", "version": "4", "previous": None}], "4") == ["4"]

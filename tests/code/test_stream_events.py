@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import struct
+import zlib
 from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from mmops.config import ConfigError, load_params
+from mmops.config import ConfigError, PredictConfig, load_params
 from mmops.local.stack import StackError, loopback_port
+from mmops.serving.predictor import Predictor
+from mmops.serving.references import ModelIdentity
+from mmops.serving.runners import Outputs
 from mmops.stream.champion import ModelSource
-from mmops.stream.events import EventError, dead_letter_headers, decode_event, prediction_value
+from mmops.stream.events import (
+    EventError,
+    dead_letter,
+    dead_letter_headers,
+    decode_event,
+    prediction_value,
+)
 from mmops.stream.server import serving_threads
 from mmops.stream.settings import kafka_settings
 
@@ -46,11 +62,12 @@ def test_null_modalities_are_allowed_when_declared() -> None:
         (encode({"id": "e1", "image": None}), "missing_field", "text: missing"),
         (encode({"id": "e1", "text": "t"}), "missing_field", "image: missing"),
         (encode({**GOOD, "image": [1, 2]}), "wrong_type", "image: expected base64"),
+        (encode({**GOOD, "id": "x" * 65}), "id_too_long", "stream.max_id_chars"),
     ],
 )
 def test_bad_events_name_what_is_wrong(value: bytes | None, reason: str, names: str) -> None:
     with pytest.raises(EventError, match=names) as caught:
-        decode_event(value, 1000)
+        decode_event(value, 1000, max_id_chars=64)
     assert caught.value.reason == reason
 
 
@@ -76,6 +93,102 @@ def test_dead_letter_headers_keep_the_original_and_say_where_from() -> None:
     assert headers["mmops.source.topic"] == b"in"
     assert headers["mmops.source.partition"] == b"1"
     assert headers["mmops.source.offset"] == b"42"
+
+
+def test_dead_letter_headers_are_always_valid_producer_headers() -> None:
+    message = SimpleNamespace(
+        topic="in",
+        partition=0,
+        offset=3,
+        timestamp=7,
+        headers=[("null", None), (b"\xffkey", b"v"), ("text", "t"), ("mmops.source.topic", b"x")],
+    )
+    headers = dead_letter_headers(message, "not_json", "e" * 5000)
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers)
+    found = dict(headers)
+    assert found["null"] == b"" and found["\ufffdkey"] == b"v" and found["text"] == b"t"
+    assert found["mmops.source.topic"] == b"in"  # an event cannot forge where it came from
+    assert len(found["mmops.error.message"]) == 1000
+
+
+def test_a_dead_letter_past_the_size_limits_keeps_a_prefix_and_drops_bulky_headers() -> None:
+    message = SimpleNamespace(
+        topic="in",
+        partition=1,
+        offset=9,
+        timestamp=7,
+        key=b"k" * 2000,
+        value=b"v" * 5000,
+        headers=[("blob", b"b" * 20_000)],
+    )
+    letter = dead_letter(message, "event_too_large", "too big", max_bytes=4000)
+    headers = dict(letter.headers)
+    assert letter.value == b"v" * 1024 and headers["mmops.value.truncated"] == b"5000"
+    assert letter.key == b"k" * 1024 and headers["mmops.key.truncated"] == b"2000"
+    assert "blob" not in headers and headers["mmops.headers.dropped"] == b"1"
+    assert headers["mmops.source.partition"] == b"1" and headers["mmops.source.offset"] == b"9"
+
+
+def png_with_a_garbage_chunk() -> bytes:
+    """A PNG with a chunk of type 00 ff 01 02 between its image data: Pillow raises SyntaxError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    data = buffer.getvalue()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    pixels = data[start + 8 : start + 8 + length]
+    middle = chunk(b"IDAT", pixels[: length // 2]) + chunk(b"\x00\xff\x01\x02", b"junk")
+    middle += chunk(b"IDAT", pixels[length // 2 :])
+    return data[:start] + middle + data[start + 12 + length :]
+
+
+def bare_predictor() -> Predictor:
+    """The real Predictor's record handling, with a stand-in for the model run."""
+    predictor = Predictor.__new__(Predictor)
+    predictor.config = PredictConfig()
+    predictor.image_size = 8
+    predictor.labels = ["red", "blue"]
+    predictor.identity = ModelIdentity("m", "1")
+
+    def run(examples: list[Any]) -> Outputs:
+        probs = np.tile(np.array([[0.75, 0.25]], dtype=np.float32), (len(examples), 1))
+        return Outputs(probs, probs, probs)
+
+    predictor.run = run  # type: ignore[method-assign]
+    return predictor
+
+
+def test_a_png_with_a_garbage_chunk_is_an_undecodable_record_not_a_crash() -> None:
+    image = base64.b64encode(png_with_a_garbage_chunk()).decode()
+    records = [
+        {"id": "bad", "text": "t", "image": image},
+        {"id": "good", "text": "t", "image": None},
+    ]
+    bad, good = bare_predictor().predict_batch(records)
+    assert bad["reason"] == "image_undecodable" and "broken PNG" in bad["error"]
+    assert good["label"] == "red"
+
+
+def test_any_error_preprocessing_one_record_leaves_the_others_predicted() -> None:
+    predictor = bare_predictor()
+    predictor.image_size = "not a size"  # type: ignore[assignment]  # image_tensor raises
+    image = base64.b64encode(_tiny_png()).decode()
+    bad, good = predictor.predict_batch(
+        [{"id": "bad", "text": "t", "image": image}, {"id": "good", "text": "t", "image": None}]
+    )
+    assert bad["reason"] == "preprocess_failed" and "TypeError" in bad["error"]
+    assert good["label"] == "red"
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "white").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_kafka_settings_come_from_the_environment() -> None:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.future import Future as KafkaFuture
 from kafka.structs import TopicPartition
 
@@ -123,19 +123,32 @@ class FakeConsumer:
 
 class FakeProducer:
     """Holds every send until `flush`, which acknowledges them, or fails them all while
-    `fail_flushes` says so."""
+    `fail_flushes` says so. Like kafka-python's, `send` refuses headers that are not (str,
+    bytes) pairs and records over `max_request_size`; the broker refuses those over
+    `broker_max_bytes` when flushed."""
 
     def __init__(self, log: list[tuple[str, Any]]) -> None:
         self.log = log
         self.held: list[tuple[KafkaFuture, dict[str, Any]]] = []
         self.acked: list[dict[str, Any]] = []
         self.fail_flushes: list[bool] = []
+        self.max_request_size = 1 << 20
+        self.broker_max_bytes: int | None = None
 
     def __call__(self, **settings: Any) -> FakeProducer:
+        self.max_request_size = settings["max_request_size"]
         return self
 
     def send(self, topic: str, key: bytes, value: bytes, headers: Any = None) -> KafkaFuture:
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers or []):
+            raise TypeError("All headers items must be (str, bytes) tuples")
+        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers or [])
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes")
         future = KafkaFuture()
+        if self.broker_max_bytes is not None and size > self.broker_max_bytes:
+            self.log.append(("send", topic))
+            return future.failure(MessageSizeTooLargeError("refused by the broker"))
         self.held.append((future, {"topic": topic, "key": key, "value": value, "headers": headers}))
         self.log.append(("send", topic))
         return future
@@ -173,6 +186,8 @@ class FakePredictor:
         with self._lock:
             self.batches.append([r["id"] for r in records])
         self.hook([r["id"] for r in records])
+        if any(r["text"] == "explode" for r in records):
+            raise RuntimeError("the model blew up")  # fails the whole batch, as a runner would
         return [
             {"id": r["id"], "error": "text: unreadable", "reason": "invalid_record"}
             if r["text"] == "unreadable"
@@ -530,3 +545,116 @@ def test_a_new_champion_serves_only_batches_that_start_after_the_ones_in_flight(
     assert versions == ["1"] * 8 + ["2"] * 4
     assert stats.versions == ["1", "2"]
     assert r.server.metrics.registry.get_sample_value("mmops_stream_model_swaps_total") == 1
+
+
+# One event never stops, stalls or crash-loops the consumer (issue 17).
+
+
+def dead_letters(r: Rig) -> list[dict[str, Any]]:
+    return [rec for rec in r.producer.acked if rec["topic"] == "mmops.events.dlq"]
+
+
+def reasons(r: Rig) -> list[str]:
+    return [dict(rec["headers"])["mmops.error.reason"].decode() for rec in dead_letters(r)]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_an_event_whose_prediction_cannot_be_serialised_is_dead_lettered() -> None:
+    # Seen against a real broker: parsed, predicted, then orjson refuses 300 levels of nesting.
+    values = [event("e0"), event("e1", extra=nested(300)), event("e2")]
+    r = rig({P0: messages_of(P0, values)}, max_batch=8)
+    stats = r.run(3)
+    assert r.producer.ids() == ["e0", "e2"]
+    assert reasons(r) == ["unserialisable"]
+    [letter] = dead_letters(r)
+    assert letter["value"] == values[1]
+    assert b"Recursion" in dict(letter["headers"])["mmops.error.message"]
+    assert (stats.predicted, stats.dead_letters) == (2, 1)
+    assert r.consumer.commits() == [{0: 3}]
+
+
+def test_a_batch_the_predictor_fails_as_a_whole_is_split_down_to_the_bad_event() -> None:
+    values = [event(i) for i in ids(8)]
+    values[5] = event("e5", text="explode")
+    r = rig({P0: messages_of(P0, values)}, max_batch=8)
+    stats = r.run(8)
+    assert r.producer.ids() == [i for i in ids(8) if i != "e5"]
+    assert reasons(r) == ["predict_failed"]
+    assert (
+        b"RuntimeError: the model blew up"
+        in dict(dead_letters(r)[0]["headers"])["mmops.error.message"]
+    )
+    # Halves, then quarters: each good record is predicted in a batch that succeeds.
+    assert ["e5"] in r.models.first.batches
+    assert (stats.predicted, stats.dead_letters, stats.retries) == (7, 1, 0)
+
+
+def test_a_dead_letter_with_a_null_or_odd_header_is_sent_with_valid_headers() -> None:
+    messages = messages_of(P0, [b"{not json", event("e1")])
+    messages[0].headers = [("trace", None), ("raw", b"x"), ("mmops.error.reason", b"forged")]
+    r = rig({P0: messages})
+    stats = r.run(2)
+    [letter] = dead_letters(r)
+    headers = dict(letter["headers"])
+    assert headers["trace"] == b"" and headers["raw"] == b"x"
+    assert headers["mmops.error.reason"] == b"not_json"
+    assert r.producer.ids() == ["e1"] and stats.retries == 0
+
+
+def test_an_oversized_event_is_dead_lettered_as_a_small_record_saying_where_it_is() -> None:
+    huge = b'{"id": "big", "text": "' + b"x" * 300_000 + b'", "image": null}'
+    messages = messages_of(P0, [huge, event("e1")])
+    messages[0].key = b"k" * 5000
+    r = rig({P0: messages}, max_event_bytes=100_000)
+    stats = r.run(2)
+    [letter] = dead_letters(r)
+    headers = dict(letter["headers"])
+    assert headers["mmops.error.reason"] == b"event_too_large"
+    assert letter["value"] == huge[:1024]
+    assert headers["mmops.value.truncated"] == str(len(huge)).encode()
+    assert letter["key"] == b"k" * 1024 and headers["mmops.key.truncated"] == b"5000"
+    assert (headers["mmops.source.topic"], headers["mmops.source.offset"]) == (TOPIC.encode(), b"0")
+    assert r.producer.ids() == ["e1"] and stats.retries == 0
+
+
+def test_an_id_over_max_id_chars_is_dead_lettered() -> None:
+    r = rig({P0: messages_of(P0, [event("x" * 65), event("e1")])}, max_id_chars=64)
+    r.run(2)
+    assert reasons(r) == ["id_too_long"]
+    assert r.producer.ids() == ["e1"]
+
+
+def test_a_prediction_too_large_to_send_is_dead_lettered_not_retried_forever() -> None:
+    # An id of 600 kB: key plus value exceed the producer's 1 MiB max_request_size.
+    values = [event("y" * 600_000), event("e1")]
+    r = rig({P0: messages_of(P0, values)}, max_id_chars=10**6, max_event_bytes=700_000)
+    stats = r.run(2)
+    assert r.producer.ids() == ["e1"]
+    [letter] = dead_letters(r)
+    headers = dict(letter["headers"])
+    assert headers["mmops.error.reason"] == b"unsendable"
+    assert b"MessageSizeTooLargeError" in headers["mmops.error.message"]
+    assert len(letter["value"]) == 1024  # a prefix: the dead letter itself must fit
+    assert (stats.predicted, stats.dead_letters, stats.retries) == (1, 1, 0)
+    assert r.consumer.commits() == [{0: 2}]
+
+
+def test_records_the_broker_refuses_for_good_are_dead_lettered_in_their_place() -> None:
+    values = [event("e0", note="n" * 5000), b"[" + b"1," * 3000 + b"1]", event("e2")]
+    r = rig({P0: messages_of(P0, values)})
+    r.producer.broker_max_bytes = 4000  # the broker's max.message.bytes, below the client's
+    stats = r.run(3)
+    assert r.producer.ids() == ["e2"]
+    letters = dead_letters(r)
+    assert [dict(rec["headers"])["mmops.error.reason"] for rec in letters] == [
+        b"unsendable",
+        b"not_object",  # the dead letter keeps its reason, now as a small record
+    ]
+    assert all(len(rec["value"]) <= 1024 for rec in letters)
+    assert (stats.predicted, stats.dead_letters, stats.retries) == (1, 2, 0)

@@ -8,12 +8,14 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -262,6 +264,29 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def png_with_a_garbage_chunk() -> bytes:
+    """A PNG with a chunk of type 00 ff 01 02 between its image data: Pillow raises SyntaxError."""
+    data = png((64, 64))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    pixels = data[start + 8 : start + 8 + length]
+    middle = chunk(b"IDAT", pixels[: length // 2]) + chunk(b"\x00\xff\x01\x02", b"junk")
+    middle += chunk(b"IDAT", pixels[length // 2 :])
+    return data[:start] + middle + data[start + 12 + length :]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def poison_corpus(good: dict[str, Any]) -> list[tuple[bytes | None, str]]:
     """(value, expected reason) for every kind of bad event the contract names."""
     bomb = png((6000, 6000), mode="L")  # tens of KB of PNG, 36 M pixels once decoded
@@ -295,6 +320,12 @@ def poison_corpus(good: dict[str, Any]) -> list[tuple[bytes | None, str]]:
         (encode({"id": "p-big", "text": "t", "image": b64(big)}), "image_too_large"),
         (encode({"id": "p-long-text", "text": "x" * 1001, "image": None}), "text_too_long"),
         (encode({"id": "p-huge", "text": "x" * 600_000, "image": None}), "event_too_large"),
+        (
+            encode({"id": "p-chunk", "text": "t", "image": b64(png_with_a_garbage_chunk())}),
+            "image_undecodable",
+        ),
+        (encode({**event, "id": "p-nested", "extra": nested(300)}), "unserialisable"),
+        (encode({**event, "id": "p" * 2000}), "id_too_long"),
     ]
 
 
@@ -327,8 +358,12 @@ def test_poison_events_go_to_the_dlq_and_the_stream_goes_on(
     for message in dead:
         headers = dict(message.headers)
         position = int(message.key.decode()[1:])
-        assert message.value == values[position]  # the original bytes, untouched
         assert headers["mmops.error.reason"].decode() == expected[position]
+        if expected[position] == "event_too_large":  # a small record: a prefix, its length
+            assert message.value == values[position][:1024]
+            assert headers["mmops.value.truncated"] == str(len(values[position])).encode()
+        else:
+            assert message.value == values[position]  # the original bytes, untouched
         assert headers["mmops.source.topic"].decode() == topics.input
         assert headers["mmops.error.message"]
         source = (int(headers["mmops.source.partition"]), int(headers["mmops.source.offset"]))
