@@ -101,8 +101,10 @@ def registered(
         )
         assert exported.exit_code == 0, exported.output
         serving_uri = json.loads(exported.stdout.strip().splitlines()[-1])["model_uri"]
-        for _ in range(2):
-            registry.register(serving_uri, MODEL, {})
+        registry.register(serving_uri, MODEL, {})
+        # A second version of the same model for swap tests: registry.register is idempotent
+        # for a model URI, so it is registered directly.
+        mlflow.register_model(serving_uri, MODEL)
         registry.promote(MODEL, "1", "first champion")
         rows = load_splits(demo_dir, load_params()).to_dict("records")
         yield Registered(workdir, uri, dataset_events(rows, demo_dir))
@@ -408,7 +410,8 @@ def test_champion_swap_mid_stream_serves_each_event_once(
     events = registered.events[:240]
     server = serving()
 
-    sender = paced_sender(bootstrap, topics.input, events, 0.02)
+    # 240 events over ~10 s: a promotion (which waits out the registry lease) lands mid-stream.
+    sender = paced_sender(bootstrap, topics.input, events, 0.04)
     sender.start()
     read_topic(bootstrap, topics.output, lambda m: len(m) >= 40, settle=0)
     registry.promote(MODEL, "2", "swap test")
