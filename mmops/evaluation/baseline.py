@@ -12,7 +12,6 @@ the better val accuracy is scored on the test split the model is evaluated on.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import warnings
@@ -31,6 +30,7 @@ from mmops.data.dataset import load_splits, split_rows
 from mmops.evaluation.records import BaselineResult, Underfit
 from mmops.model.preprocess import open_image
 from mmops.training.history import CURVE_COLUMNS, HISTORY_FILE
+from mmops.training.progress import chance_noise
 
 CANDIDATES = ("logistic", "mlp")
 # Rows each candidate is fitted on (and chosen on, from val), whatever the dataset's size: the
@@ -156,7 +156,7 @@ def underfit(
     if n == 0:
         return None
     chance = max(label_counts.values()) / n
-    margin = max(0.02, 2 * math.sqrt(chance * (1 - chance) / n))
+    margin = max(0.02, chance_noise(chance, n))
     if accuracy > chance + margin:
         return None
     epochs = [dict(epoch) for epoch in curve]

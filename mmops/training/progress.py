@@ -60,7 +60,12 @@ def chance_floor(labels: list[int]) -> float:
     if not labels:
         return 0.0
     share = max(labels.count(label) for label in set(labels)) / len(labels)
-    return share + 2 * math.sqrt(share * (1 - share) / len(labels))
+    return share + chance_noise(share, len(labels))
+
+
+def chance_noise(share: float, n: int) -> float:
+    """Two binomial standard errors of an accuracy of `share` on `n` examples: what luck adds."""
+    return 2 * math.sqrt(share * (1 - share) / n)
 
 
 @dataclass
