@@ -76,7 +76,7 @@ def serve(
     server = StreamServer(params, model, kafka)
     port = params.stream.metrics_port if metrics_port is None else metrics_port
     if port:
-        server.metrics.serve(port)
+        server.metrics.serve(port, server.liveness)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     try:

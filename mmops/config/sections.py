@@ -163,6 +163,9 @@ class StreamConfig:
     # A micro-batch closes at max_batch events or max_wait_ms after its first event.
     max_batch: int = 64
     max_wait_ms: int = 50
+    # ... or at max_batch_bytes of raw events (one larger event still makes a batch of one).
+    # The fetch size follows it, so raw bytes in hand stay under about (workers + 2) times this.
+    max_batch_bytes: int = 32_000_000
     # Batches predicted at once, at most one per partition; each gets cores/workers ONNX Runtime
     # threads unless predict.threads says otherwise.
     workers: int = 2
@@ -172,17 +175,21 @@ class StreamConfig:
     # How long the group waits for a dead consumer before giving its partitions to another.
     session_timeout_ms: int = 10_000
     auto_offset_reset: str = "earliest"  # where a new group starts: earliest | latest
-    metrics_port: int = 9108  # Prometheus /metrics; 0 disables
+    metrics_port: int = 9108  # Prometheus /metrics and the liveness probe /healthz; 0 disables
+    # /healthz fails once the serving loop or a batch's prediction is stuck this long.
+    liveness_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         sizes = (self.partitions, self.max_batch, self.workers, self.max_event_bytes)
-        if min(*sizes, self.max_id_chars) < 1:
+        if min(*sizes, self.max_id_chars, self.max_batch_bytes) < 1:
             raise ConfigError(
-                "stream: partitions, max_batch, workers, max_event_bytes and max_id_chars "
-                "must be >= 1"
+                "stream: partitions, max_batch, max_batch_bytes, workers, max_event_bytes and "
+                "max_id_chars must be >= 1"
             )
-        if self.max_wait_ms < 0 or self.model_poll_s <= 0:
-            raise ConfigError("stream: max_wait_ms must be >= 0 and model_poll_s > 0")
+        if self.max_wait_ms < 0 or self.model_poll_s <= 0 or self.liveness_timeout_s <= 0:
+            raise ConfigError(
+                "stream: max_wait_ms must be >= 0, model_poll_s and liveness_timeout_s > 0"
+            )
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("stream.auto_offset_reset: must be earliest or latest")
         if not 0 <= self.metrics_port < 65536:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,11 @@ class Predictor:
             return cls(local, backend, config)
         from mmops.serving.references import model_identity, resolve_model
 
-        folder, run_id = resolve_model(model_ref)
-        return cls(folder, backend, config, model_identity(model_ref, run_id))
+        # Everything is in memory once loaded, so the download goes: a consumer swapping
+        # champions for months leaves nothing behind on disk.
+        with tempfile.TemporaryDirectory(prefix="mmops-model-") as download:
+            folder, run_id = resolve_model(model_ref, Path(download))
+            return cls(folder, backend, config, model_identity(model_ref, run_id))
 
     @property
     def backend(self) -> str:

@@ -84,8 +84,9 @@ def _run_file(folder: Path) -> dict:
     return json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
-def resolve_model(model_ref: str) -> tuple[Path, str | None]:
-    """A local model folder and its MLflow run id, from a folder, runs:/ or models:/ URI."""
+def resolve_model(model_ref: str, download_to: Path | None = None) -> tuple[Path, str | None]:
+    """A local model folder and its MLflow run id, from a folder, runs:/ or models:/ URI (a
+    download goes under `download_to`, else a new temporary folder)."""
     import mlflow
 
     local = Path(model_ref)
@@ -93,6 +94,7 @@ def resolve_model(model_ref: str) -> tuple[Path, str | None]:
         return local, local_run_id(local)
     mlflow.set_tracking_uri(tracking_uri())
     run_id = mlflow.models.get_model_info(model_ref).run_id
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref))
+    target = None if download_to is None else str(download_to)
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=target))
     folder = next(p.parent for p in downloaded.rglob(META_FILE))
     return folder, run_id

@@ -30,7 +30,8 @@ class Flight:
 class Batches:
     """The batch being collected and the batches being predicted, oldest first; none sent yet.
 
-    The open batch closes at `max_batch` messages or `max_wait_ms` after its first. A closed
+    The open batch closes at `max_batch` messages, at `max_bytes` of raw messages (one larger
+    message is a batch of its own), or `max_wait_ms` after its first. A closed
     batch goes to a worker while fewer than `workers` are predicting, and predicted batches are
     sent in the order they closed, whichever finished first.
     """
@@ -41,23 +42,30 @@ class Batches:
         max_wait_ms: int,
         workers: int,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.workers = workers
         self.clock = clock
+        self.max_bytes = max_bytes
         self.open: list[Any] = []
+        self.open_bytes = 0
+        # Polled past the open batch's byte limit: the next batch starts with them, in order.
+        self.waiting: deque[Any] = deque()
         self.closes_at = 0.0  # max_wait_ms after the open batch's first message
         self.flights: deque[Flight] = deque()
 
     @property
     def full(self) -> bool:
-        return len(self.open) >= self.max_batch
+        if self.waiting or len(self.open) >= self.max_batch:
+            return True
+        return self.max_bytes is not None and self.open_bytes >= self.max_bytes
 
     @property
     def room(self) -> int:
         """How many more messages the open batch takes."""
-        return self.max_batch - len(self.open)
+        return 0 if self.full else self.max_batch - len(self.open)
 
     @property
     def idle(self) -> bool:
@@ -73,11 +81,17 @@ class Batches:
         return 5 if self.flights else 200
 
     def add(self, messages: Iterable[Any]) -> None:
-        """Polled messages join the open batch; the first one starts its max_wait_ms."""
-        messages = list(messages)
-        if messages and not self.open:
-            self.closes_at = self.clock() + self.max_wait_ms / 1000
-        self.open.extend(messages)
+        """Polled messages join the open batch, up to its byte limit (the rest wait for the
+        next); the first one starts its max_wait_ms."""
+        self.waiting.extend(messages)
+        while self.waiting and len(self.open) < self.max_batch:
+            size = 0 if self.max_bytes is None else message_size(self.waiting[0])
+            if self.open and self.max_bytes is not None and self.open_bytes + size > self.max_bytes:
+                break
+            if not self.open:
+                self.closes_at = self.clock() + self.max_wait_ms / 1000
+            self.open.append(self.waiting.popleft())
+            self.open_bytes += size
 
     def closed(self) -> bool:
         """The open batch is done collecting: full, or max_wait_ms after its first message."""
@@ -93,8 +107,9 @@ class Batches:
 
     def dispatch(self, submit: Callable[[list[Any]], Future[Served]]) -> list[Any]:
         """Start predicting the open batch with `submit`; a new batch opens. Returns the batch."""
-        batch, self.open = self.open, []
+        batch, self.open, self.open_bytes = self.open, [], 0
         self.flights.append(Flight(batch, submit(batch)))
+        self.add(())  # those waiting open the next batch
         return batch
 
     def next_predicted(self) -> Flight | None:
@@ -111,11 +126,18 @@ class Batches:
         """Drop the batches not yet sent (their predictions are never produced); returns their
         messages, oldest first."""
         dropped = [m for flight in self.flights for m in flight.batch] + self.open
+        dropped += self.waiting
         for flight in self.flights:
             flight.job.cancel()  # one already running finishes; its result is ignored
         self.flights.clear()
-        self.open = []
+        self.open, self.open_bytes = [], 0
+        self.waiting.clear()
         return dropped
+
+
+def message_size(message: Any) -> int:
+    """A message's raw key and value bytes (headers are capped by the broker's record size)."""
+    return sum(len(part) for part in (message.value, message.key) if part is not None)
 
 
 def partition_of(message: Any) -> Partition:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from mmops.config import PredictConfig
 from mmops.serving.predictor import Predictor
 from mmops.serving.references import RegistryRef, alias_version
 from mmops.stream.logs import log_data
+from mmops.stream.outputs import Served
+
+# A version that failed to load is tried again after poll_s, then twice as long each time, up
+# to this: a broken registration neither hammers the registry nor is given up on.
+MAX_RETRY_S = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +24,9 @@ class ModelSource:
     """The predictor to serve: a pinned model, or an alias re-resolved every `poll_s` seconds.
 
     A new version is loaded in a background thread and handed over by `swap`, which the consumer
-    calls between batches, so each event is served by exactly one version.
+    calls between batches, so each event is served by exactly one version. A version that fails
+    to load, or fails every event of a batch that the last good version predicts, is not served:
+    the last good version goes on, with a log line and `on_failure(stage, version)`.
     """
 
     def __init__(
@@ -30,7 +39,11 @@ class ModelSource:
         alias = self.registry_ref is not None and self.registry_ref.alias is not None
         self.follow = alias if follow is None else follow and alias
         self.current: Predictor | None = None
+        self.on_failure: Callable[[str, str], None] = lambda stage, version: None
         self._pending: Predictor | None = None
+        self._last_good: Predictor | None = None  # the last version that predicted an event
+        self._rejected: set[str] = set()  # versions that failed to predict: not loaded again
+        self._failed_loads: dict[str, tuple[int, float]] = {}  # version: (failures, retry at)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,6 +74,39 @@ class ModelSource:
             self.current = new
         return new
 
+    def serve_batch(self, predictor: Predictor, predict: Callable[[Predictor], Served]) -> Served:
+        """`predict(predictor)`; when it fails every event it predicted and the last good version
+        predicts them, `predictor` is rejected and the batch served by the last good version."""
+        served = predict(predictor)
+        if served.predictions:
+            with self._lock:
+                self._last_good = predictor
+            return served
+        good = self._last_good
+        if good is None or good is predictor:
+            return served
+        if not any(reason == "predict_failed" for _, reason, _ in served.dead):
+            return served
+        retried = predict(good)
+        if retried.predictions:
+            self._reject(predictor, good)
+            return retried
+        return served  # the events themselves fail: dead letters, the version stays
+
+    def _reject(self, bad: Predictor, good: Predictor) -> None:
+        version = bad.identity.version
+        with self._lock:
+            first = version not in self._rejected
+            self._rejected.add(version)
+            if self.current is bad and self._pending in (None, bad):
+                self._pending = good  # swapped back between batches, like a new champion
+        if first:
+            log.error(
+                "champion fails to predict; serving the last good version",
+                extra=log_data(version=version, serving=good.identity.version),
+            )
+            self.on_failure("predict", version)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -80,16 +126,44 @@ class ModelSource:
         while not self._stop.wait(self.poll_s):
             try:
                 version = self._resolve()
-                with self._lock:
-                    seen = self._pending or self.current
-                if seen is not None and version == seen.identity.version:
-                    continue
-                predictor = self._load(version)
-                with self._lock:
-                    self._pending = predictor
-                log.info("loaded new champion", extra=log_data(version=version))
             except Exception as error:  # keep serving the current model through registry trouble
                 log.warning(
                     "champion check failed; still serving the current model",
                     extra=log_data(error=f"{type(error).__name__}: {error}"),
                 )
+                continue
+            with self._lock:
+                seen = self._pending or self.current
+            if seen is not None and version == seen.identity.version:
+                continue
+            if version in self._rejected or not self._due(version):
+                continue
+            self._try_load(version)
+
+    def _due(self, version: str) -> bool:
+        failures = self._failed_loads.get(version)
+        return failures is None or time.monotonic() >= failures[1]
+
+    def _try_load(self, version: str) -> None:
+        try:
+            predictor = self._load(version)
+        except Exception as error:
+            count = self._failed_loads.get(version, (0, 0.0))[0] + 1
+            retry_s = min(MAX_RETRY_S, self.poll_s * 2**count)
+            self._failed_loads[version] = (count, time.monotonic() + retry_s)
+            current = self.current.identity.version if self.current is not None else None
+            log.error(
+                "champion fails to load; still serving the current model",
+                extra=log_data(
+                    version=version,
+                    serving=current,
+                    error=f"{type(error).__name__}: {error}"[:1000],
+                    retry_in_s=retry_s,
+                ),
+            )
+            self.on_failure("load", version)
+            return
+        self._failed_loads.pop(version, None)
+        with self._lock:
+            self._pending = predictor
+        log.info("loaded new champion", extra=log_data(version=version))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmops.serving.predictor import Predictor
+from mmops.stream.health import Liveness, health_app, serve_http
 
 
 class StreamMetrics:
@@ -59,17 +60,26 @@ class StreamMetrics:
         self.errors = Counter(
             "mmops_stream_errors", "Broker and model errors survived", ["kind"], registry=r
         )
+        self.model_failures = Counter(
+            "mmops_stream_model_failures",
+            "Champion versions that failed to load or to predict; the last good one kept serving",
+            ["stage", "version"],
+            registry=r,
+        )
         self._server: Any = None
 
-    def serve(self, port: int) -> None:
-        """Expose /metrics on `port` (all interfaces, for a scraper in another container)."""
-        from prometheus_client import start_http_server
+    def serve(self, port: int, liveness: Liveness | None = None) -> None:
+        """Expose /metrics, and /healthz from `liveness`, on `port` (all interfaces, for a
+        scraper or a probe from another container)."""
+        from prometheus_client import make_wsgi_app
 
-        self._server, _ = start_http_server(port, registry=self.registry)
+        app = make_wsgi_app(self.registry)
+        self._server = serve_http(app if liveness is None else health_app(liveness, app), port)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
             self._server = None
 
     def set_model(self, predictor: Predictor) -> None:

@@ -26,6 +26,7 @@ from mmops.stream.events import (
     decode_event,
     prediction_value,
 )
+from mmops.stream.headers import escaped_keys
 from mmops.stream.logs import log_data
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def predict_messages(
     dead: list[tuple[Any, str, str]] = []
     for message in batch:
         try:
+            if (bad := escaped_keys(message.headers)) is not None:
+                raise EventError(f"headers: key {bad} is not UTF-8", "bad_header_key")
             events.append((message, decode_event(message.value, max_event_bytes, max_id_chars)))
         except EventError as error:
             dead.append((message, error.reason, str(error)))
@@ -126,16 +129,25 @@ class Outgoing:
     error: str = ""
 
 
-def send_outputs(producer: Any, cfg: StreamConfig, served: Served) -> Served:
+def send_outputs(
+    producer: Any,
+    cfg: StreamConfig,
+    served: Served,
+    keep_trying: Callable[[BaseException, float], bool] = lambda error, delay: False,
+) -> Served:
     """Send a batch's predictions and dead letters (with the event's own bytes and headers);
-    DeliveryError unless the broker acknowledged them all. A record the broker can never take
-    (too large, a bad topic, no rights, bad headers) is replaced by a small dead letter; returns
-    what was sent."""
+    returns once the broker acknowledged them all, with what was sent.
+
+    A record the broker can never take (too large, a bad topic, no rights, bad headers) is
+    replaced by a small dead letter. Sends that failed for a reason that may pass (a broker away,
+    a leader moving) are sent again, only those, for as long as `keep_trying(error, delay)` says
+    (it waits `delay` seconds first); DeliveryError once it says no.
+    """
     records = [Outgoing(cfg.output_topic, m, k, v) for m, k, v in served.predictions]
     for message, reason, error in served.dead:
         letter = dead_letter(message, reason, error, cfg.max_event_bytes)
         records.append(_dead(cfg, message, reason, error, letter))
-    refused = _send_all(producer, records)
+    refused = _send_acked(producer, records, keep_trying)
     if not refused:
         return served
     fallbacks = []
@@ -144,7 +156,7 @@ def send_outputs(producer: Any, cfg: StreamConfig, served: Served) -> Served:
         error = f"{record.error} (refused: {describe(problem)})".strip()
         letter = dead_letter(record.message, reason, error, PREFIX_BYTES, original_headers=False)
         fallbacks.append(_dead(cfg, record.message, reason, error, letter))
-    again = _send_all(producer, fallbacks)
+    again = _send_acked(producer, fallbacks, keep_trying)
     if again:
         raise DeliveryError(f"dead letters refused: {describe(again[0][1])}")
     gone = {id(record.message) for record, _ in refused}
@@ -170,31 +182,48 @@ def _dead(cfg: StreamConfig, message: Any, reason: str, error: str, letter: Dead
     return Outgoing(topic, message, letter.key, letter.value, letter.headers, reason, error)
 
 
-def _send_all(producer: Any, records: Sequence[Outgoing]) -> list[tuple[Outgoing, BaseException]]:
-    """Send and flush; returns the records refused for good, raises DeliveryError (or the
-    client's retriable error) if any other send was not acknowledged."""
-    sends, refused = [], []
+def _send_acked(
+    producer: Any,
+    records: Sequence[Outgoing],
+    keep_trying: Callable[[BaseException, float], bool],
+) -> list[tuple[Outgoing, BaseException]]:
+    """Send until each record is acknowledged or refused for good; returns the refused."""
+    refused: list[tuple[Outgoing, BaseException]] = []
+    pending, delay = list(records), 0.5
+    while pending:
+        failed = _send_once(producer, pending, refused)
+        if not failed:
+            break
+        error = failed[0][1]
+        if not keep_trying(error, delay):
+            raise DeliveryError(f"{len(failed)} of {len(pending)} sends failed: {describe(error)}")
+        pending, delay = [record for record, _ in failed], min(delay * 2, 10.0)
+    return refused
+
+
+def _send_once(
+    producer: Any, records: Sequence[Outgoing], refused: list[tuple[Outgoing, BaseException]]
+) -> list[tuple[Outgoing, BaseException]]:
+    """Send and flush; adds the records refused for good to `refused`, returns those that
+    failed for a reason that may pass."""
+    sends, failed = [], []
     for record in records:
         try:
             future = producer.send(
                 record.topic, key=record.key, value=record.value, headers=record.headers
             )
         except Exception as error:
-            if not _refused_for_good(error):
-                raise  # e.g. no metadata in time: the loop retries the batch
-            refused.append((record, error))
+            # e.g. no metadata in time (may pass), or a record the client refuses (never will)
+            (refused if _refused_for_good(error) else failed).append((record, error))
             continue
         sends.append((record, future))
     producer.flush()
-    failed = []
     for record, future in sends:
         if future.is_done and future.failed() and _refused_for_good(future.exception):
             refused.append((record, future.exception))
         elif not future.is_done or future.failed():
-            failed.append(future.exception)
-    if failed:
-        raise DeliveryError(f"{len(failed)} of {len(sends)} sends failed: {failed[0]}")
-    return refused
+            failed.append((record, future.exception or DeliveryError("not acknowledged")))
+    return failed
 
 
 def _refused_for_good(error: BaseException) -> bool:

@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmops.config import Params, PredictConfig, StreamConfig
+from mmops.serving.predictor import Predictor
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
 from mmops.stream.champion import ModelSource
+from mmops.stream.clients import client_factories, connect
+from mmops.stream.health import Liveness
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
 from mmops.stream.outputs import DeliveryError, Served, predict_messages, send_outputs
-from mmops.stream.settings import kafka_settings, message_bytes
+from mmops.stream.settings import kafka_settings
 
 __all__ = ["DeliveryError", "ServeStats", "StreamServer", "serving_threads"]
 
@@ -67,7 +70,8 @@ def serving_threads(predict: PredictConfig, workers: int) -> PredictConfig:
 class StreamServer:
     """A consumer-group member serving predictions; `run` until `stop` (or `max_events`).
 
-    A micro-batch closes at `max_batch` messages or `max_wait_ms` after its first. Up to
+    A micro-batch closes at `max_batch` messages, `max_batch_bytes` of them, or `max_wait_ms`
+    after its first. Up to
     `workers` batches are predicted at once, on worker threads; their predictions and dead
     letters are then sent in order, one batch at a time, and a batch's offsets are committed
     once the broker has acknowledged all it sent, before the next batch is sent. So at most one
@@ -96,15 +100,21 @@ class StreamServer:
         self.models = models
         self.kafka = kafka if kafka is not None else kafka_settings()
         self.metrics = metrics or StreamMetrics()
+        self.models.on_failure = self._model_failed
         self.stats = ServeStats()
-        self._consumer_factory = consumer_factory
-        self._producer_factory = producer_factory
+        self.liveness = Liveness(self.cfg.liveness_timeout_s)
+        self._factories = (consumer_factory, producer_factory)
         self._stop = threading.Event()
         self.consumer: Any = None
         self.producer: Any = None
         self._workers: ThreadPoolExecutor | None = None
         # Owned by the thread in `run`.
-        self._batches = Batches(self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.workers)
+        self._batches = Batches(
+            self.cfg.max_batch,
+            self.cfg.max_wait_ms,
+            self.cfg.workers,
+            max_bytes=self.cfg.max_batch_bytes,
+        )
         self._revoked = threading.Event()  # set by the group's listener, on the client's thread
 
     def stop(self) -> None:
@@ -148,6 +158,7 @@ class StreamServer:
 
         backoff = 0.5
         while not self.stopping:
+            self.liveness.beat()
             if max_events is not None and self.stats.events >= max_events:
                 break
             try:
@@ -165,56 +176,12 @@ class StreamServer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
 
-    def _clients(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        if self._consumer_factory is not None and self._producer_factory is not None:
-            return self._consumer_factory, self._producer_factory
-        from kafka import KafkaConsumer, KafkaProducer
-
-        return self._consumer_factory or KafkaConsumer, self._producer_factory or KafkaProducer
-
     def _connect(self) -> None:
-        from kafka.errors import KafkaError
-
-        cfg = self.cfg
-        new_consumer, new_producer = self._clients()
-        backoff = 1.0
-        while True:
-            try:
-                # A dead letter carries its event's bytes, up to max_event_bytes: larger than
-                # the clients' 1 MiB default, which would refuse it and stall the partition.
-                room = message_bytes(cfg)
-                self.producer = self.producer or new_producer(
-                    **self.kafka, linger_ms=5, max_request_size=room
-                )
-                self.consumer = new_consumer(
-                    **self.kafka,
-                    group_id=cfg.group_id,
-                    enable_auto_commit=False,
-                    auto_offset_reset=cfg.auto_offset_reset,
-                    session_timeout_ms=cfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(100, min(3000, cfg.session_timeout_ms // 3)),
-                    max_poll_records=cfg.max_batch,
-                    # The broker answers a fetch when data arrives or after this long; the
-                    # default 500 ms would add its wait to an idle stream's latency.
-                    fetch_max_wait_ms=max(10, cfg.max_wait_ms),
-                    max_partition_fetch_bytes=room,
-                )
-                listener = _rebalance_log(self._revoked)
-                self.consumer.subscribe([cfg.input_topic], listener=listener)
-                return
-            except KafkaError as error:
-                if self.stopping:
-                    raise
-                log.warning(
-                    "cannot reach the Kafka brokers; retrying",
-                    extra=log_data(
-                        servers=self.kafka.get("bootstrap_servers"),
-                        error=str(error),
-                        retry_in_s=backoff,
-                    ),
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+        factories = client_factories(*self._factories)
+        beat, revoked = self.liveness.beat, self._revoked
+        self.consumer, self.producer = connect(
+            self.kafka, self.cfg, factories, self._stop, revoked, beat, self.producer
+        )
 
     def _step(self, max_events: int | None = None) -> None:
         if not self._batches.flights:
@@ -276,11 +243,22 @@ class StreamServer:
         predictor, workers = self.models.current, self._workers
         assert predictor is not None and workers is not None
         self.stats.first_event_at = self.stats.first_event_at or time.time()
-        limit, observe = self.cfg.max_event_bytes, self.metrics.model_latency.observe
-        ids = self.cfg.max_id_chars
-        self._batches.dispatch(
-            lambda batch: workers.submit(predict_messages, predictor, batch, limit, observe, ids)
-        )
+        self._batches.dispatch(lambda batch: workers.submit(self._predict, predictor, batch))
+
+    def _predict(self, predictor: Predictor, batch: list[Any]) -> Served:
+        """On a worker: the batch's outputs, by the last good version if `predictor` is broken."""
+        cfg, observe = self.cfg, self.metrics.model_latency.observe
+
+        def predict(model: Predictor) -> Served:
+            limits = (cfg.max_event_bytes, observe, cfg.max_id_chars)
+            return predict_messages(model, batch, *limits)
+
+        job = id(batch)
+        self.liveness.predicting(job)
+        try:
+            return self.models.serve_batch(predictor, predict)
+        finally:
+            self.liveness.predicted(job)
 
     def _deliver(self) -> None:
         """Send the predicted batches, oldest first, each acknowledged and committed in turn."""
@@ -290,7 +268,7 @@ class StreamServer:
 
     def _send(self, batch: Sequence[Any], served: Served) -> None:
         """Send a batch's predictions and dead letters; once all are acknowledged, commit it."""
-        served = send_outputs(self.producer, self.cfg, served)
+        served = send_outputs(self.producer, self.cfg, served, self._keep_sending)
         acked = time.time()
         for message, _, _ in served.predictions:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
@@ -304,6 +282,21 @@ class StreamServer:
         self.stats.dead_letters += len(served.dead)
         self.stats.batches += 1
         self._commit(batch)
+
+    def _keep_sending(self, error: BaseException, delay: float) -> bool:
+        """After a send the broker may yet take failed: wait `delay` and try again, unless
+        stopping (then the batch stays uncommitted and is served again after a restart)."""
+        self.metrics.errors.labels(type(error).__name__).inc()
+        self.stats.retries += 1
+        log.warning(
+            "sends not acknowledged; sending them again",
+            extra=log_data(error=f"{type(error).__name__}: {error}", retry_in_s=delay),
+        )
+        self.liveness.beat()  # waiting for the brokers, not stuck
+        return not self._stop.wait(delay)
+
+    def _model_failed(self, stage: str, version: str) -> None:
+        self.metrics.model_failures.labels(stage, version).inc()
 
     def _commit(self, batch: Sequence[Any]) -> None:
         from kafka.errors import KafkaError
@@ -368,26 +361,3 @@ class StreamServer:
         if self.producer is not None:
             self.producer.close(timeout=10)
         log.info("stopped", extra=log_data(**self.stats.to_dict()))
-
-
-def _rebalance_log(revoked_flag: threading.Event) -> Any:
-    """Logs the group's moves (`partitions assigned` tells that this consumer now serves) and
-    flags revocations to the serving loop, which then rewinds what it polled and did not send.
-    Runs on the client's thread, so it only sets the flag."""
-    from kafka import ConsumerRebalanceListener
-
-    class Listener(ConsumerRebalanceListener):
-        def on_partitions_revoked(self, revoked: Any) -> None:
-            if revoked:
-                revoked_flag.set()
-            log.info("partitions revoked", extra=log_data(partitions=sorted(map(str, revoked))))
-
-        def on_partitions_lost(self, lost: Any) -> None:
-            if lost:
-                revoked_flag.set()
-            log.info("partitions lost", extra=log_data(partitions=sorted(map(str, lost))))
-
-        def on_partitions_assigned(self, assigned: Any) -> None:
-            log.info("partitions assigned", extra=log_data(partitions=sorted(map(str, assigned))))
-
-    return Listener()

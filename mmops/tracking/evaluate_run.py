@@ -3,6 +3,7 @@ classical baseline beside it."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ def tracked_evaluate(
     from mmops.evaluation.evaluate import evaluate_model
     from mmops.evaluation.metrics import flat_metrics
 
-    folder, run_id = resolve_model(model_ref)
     configure(params)
     out = Path(out_dir or params.evaluate.out_dir)
-    report = evaluate_model(folder, data_dir, params, out)
+    with tempfile.TemporaryDirectory(prefix="mmops-model-") as download:  # no leftovers
+        folder, run_id = resolve_model(model_ref, Path(download))
+        report = evaluate_model(folder, data_dir, params, out)
     name = None if run_id else standalone_run_name("evaluate", data_dir)
     # The baseline's figures go under their own names (log_baseline).
     metrics = {k: v for k, v in flat_metrics(report).items() if not k.startswith("baseline.")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -25,10 +26,11 @@ def tracked_export(
     from mmops.export.exporter import export_model
     from mmops.serving.runners import EXPORT_FILE, ONNX_FILES
 
-    folder, run_id = resolve_model(model_ref)
     configure(params)
     out = Path(out_dir or params.export.out_dir)
-    report = export_model(folder, data_dir, params, out)
+    with tempfile.TemporaryDirectory(prefix="mmops-model-") as download:  # no leftovers
+        folder, run_id = resolve_model(model_ref, Path(download))
+        report = export_model(folder, data_dir, params, out)
     name = None if run_id else standalone_run_name("export", data_dir)
     with mlflow.start_run(run_id=run_id, run_name=name) as run:
         mlflow.set_tags(

@@ -18,8 +18,9 @@ from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.future import Future as KafkaFuture
 from kafka.structs import TopicPartition
 
-from mmops.config import Params, load_params
+from mmops.config import Params, PredictConfig, load_params
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
+from mmops.stream.champion import ModelSource
 from mmops.stream.outputs import Served
 from mmops.stream.server import ServeStats, StreamServer
 
@@ -202,33 +203,25 @@ class FakePredictor:
         ]
 
 
-class FakeModels:
-    """ModelSource's contract: a current predictor and, once `pending` is set, a new one."""
+class FakeModels(ModelSource):
+    """A ModelSource whose versions are handed in: `first` at load, `pending` to swap to."""
 
     def __init__(self, predictor: FakePredictor) -> None:
-        self.current: FakePredictor | None = None
+        super().__init__("models:/fake@champion", PredictConfig(threads=1), 3600.0)
         self.first = predictor
-        self.pending: FakePredictor | None = None
-        self.follow = True
-        self.model_ref = "models:/fake@champion"
-        self.config = SimpleNamespace(threads=1)
 
-    def load(self) -> FakePredictor:
-        self.current = self.first
+    def load(self) -> Any:
+        self.current = self.first  # type: ignore[assignment]
         return self.current
 
     @property
-    def ready(self) -> bool:
-        return self.pending is not None
+    def pending(self) -> Any:
+        return self._pending
 
-    def swap(self) -> FakePredictor | None:
-        new, self.pending = self.pending, None
-        if new is not None:
-            self.current = new
-        return new
-
-    def close(self) -> None:
-        pass
+    @pending.setter
+    def pending(self, predictor: FakePredictor | None) -> None:
+        with self._lock:
+            self._pending = predictor  # type: ignore[assignment]
 
 
 @dataclass
@@ -423,7 +416,7 @@ def test_a_batch_is_committed_only_after_all_its_sends_are_acknowledged() -> Non
     assert r.consumer.commits() == [{0: 4}, {0: 8}]
 
 
-def test_a_failed_send_commits_nothing_and_rewinds_to_the_first_unsent_offsets() -> None:
+def test_a_failed_send_is_sent_again_alone_before_its_batch_is_committed() -> None:
     r = rig(
         {
             P0: messages_of(P0, [event(i) for i in ids(6, "a")]),
@@ -435,11 +428,27 @@ def test_a_failed_send_commits_nothing_and_rewinds_to_the_first_unsent_offsets()
     failed = r.log.index(("flush", True))
     before, after = r.log[:failed], r.log[failed + 1 :]
     assert [item for kind, item in before if kind == "commit"] == [{0: 4}]
-    assert [item for kind, item in after if kind == "seek"][:2] == [(0, 4), (1, 0)]
-    assert r.log[failed + 1][0] == "seek"  # nothing committed in between
+    # Only the failed sends again, then the commit: no batch read, predicted or sent twice.
+    assert [kind for kind, _ in after[:6]] == ["send"] * 4 + ["flush", "commit"]
+    assert not [kind for kind, _ in r.log if kind == "seek"]
     assert r.consumer.commits() == [{0: 4}, {0: 6, 1: 2}, {1: 6}]
     assert r.producer.ids() == ids(6, "a") + ids(6, "b")  # the acknowledged ones, once each
     assert stats.retries == 1 and stats.events == 12
+
+
+def test_a_send_failing_until_stopped_commits_nothing_and_rewinds() -> None:
+    r = rig({P0: messages_of(P0, [event(i) for i in ids(4)])})
+    r.producer.fail_flushes = [True] * 1000
+    thread = threading.Thread(target=r.server.run, args=(4,))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while r.server.stats.retries < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r.server.stop()
+    thread.join(10)
+    assert not thread.is_alive() and r.server.stats.retries >= 2
+    assert r.consumer.commits() == [] and r.producer.ids() == []
+    assert ("seek", (0, 0)) in r.log  # read again from the first unsent offset
 
 
 def two_partitions(**stream: Any) -> Rig:
