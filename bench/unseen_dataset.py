@@ -30,6 +30,7 @@ from mmops.config import Params, load_params
 from mmops.data.dataset import read_manifest
 from mmops.data.synthetic import FAMILIES, write_family
 from mmops.data.validate import validate_dataset
+from mmops.data.validation_report import REPORT_FILE, write_report
 from mmops.evaluation.evaluate import evaluate_model
 from mmops.training.train import train
 
@@ -134,6 +135,13 @@ def bench_family(name: str, n: int, args: argparse.Namespace, work: Path) -> dic
     params = load_params(PARAMS_FILE, args.overrides)
     frame = read_manifest(root)
     report = validate_dataset(root, params)
+    # Training takes only data whose report passed this version: point training at it.
+    write_report(report, work / name / "validate")
+    overrides = [
+        *args.overrides,
+        f"train.validation_report={work / name / 'validate' / REPORT_FILE}",
+    ]
+    params = load_params(PARAMS_FILE, overrides)
     entry: dict[str, Any] = {
         "rows": len(frame),
         "classes": int(frame["label"].nunique()),
@@ -150,7 +158,7 @@ def bench_family(name: str, n: int, args: argparse.Namespace, work: Path) -> dic
         if args.skip_search
         else guarded(
             "search",
-            lambda: run_search(root, params, args.overrides, args.trials, work / name / "best"),
+            lambda: run_search(root, params, overrides, args.trials, work / name / "best"),
         )
     )
     entry["default_minus_baseline"] = minus(entry["default"], entry["baseline"])

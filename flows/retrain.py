@@ -4,7 +4,8 @@ data version -> validate -> [search] -> train -> evaluate -> export -> register 
 Every task is one mmops call; the search runs when train.search.enabled, and the registered model
 is trained with its best values. Tasks that talk to the tracking server retry with backoff on
 transient errors; validation never retries: a bad dataset stops the run before training, and the
-champion stays where it was.
+champion stays where it was. Search and training read the run's own validation report, so they
+take only the data version it passed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prefect.schedules import Cron
 
 from mmops.config import Params, resolve_params
 from mmops.data.validate import DatasetRejected, validate_dataset
+from mmops.data.validation_report import REPORT_FILE, write_report
 from mmops.data.versioning import data_version
 from mmops.evaluation.records import EvaluationReport
 from mmops.export.records import ExportReport
@@ -33,6 +35,7 @@ from mmops_flows.support import (
     RetrainResult,
     mmops_logs_to_prefect,
     name_flow_run,
+    promotion_slot,
     run_folder,
     run_url,
     summary_markdown,
@@ -48,25 +51,31 @@ def resolve_data_version(data_dir: str) -> dict[str, Any]:
 
 
 @task(retries=0, timeout_seconds=2 * HOUR)
-def validate(data_dir: str, params: Params) -> dict[str, Any]:
+def validate(data_dir: str, params: Params, out: str) -> str:
+    """The path of the run's validation report, which search and training check the data by."""
     report = validate_dataset(data_dir, params)
+    write_report(report, Path(out) / "validate")
     if not report.success:
         raise DatasetRejected(data_dir, report)
-    return report.metrics()
+    return str(Path(out) / "validate" / REPORT_FILE)
 
 
 # Search and train are where the GPU is: run this flow from a work pool on a GPU machine (README).
 @task(**TRANSIENT, timeout_seconds=24 * HOUR)
-def search(data_dir: str, params: Params, out: str) -> SearchResult:
-    return tune(data_dir, params, out_dir=Path(out) / "search")
+def search(data_dir: str, params: Params, out: str, validation_report: str) -> SearchResult:
+    return tune(data_dir, params, out_dir=Path(out) / "search", validation_report=validation_report)
 
 
 @task(**TRANSIENT, timeout_seconds=24 * HOUR)
 def train(
-    data_dir: str, params: Params, out: str, searched: SearchResult | None = None
+    data_dir: str,
+    params: Params,
+    out: str,
+    searched: SearchResult | None = None,
+    validation_report: str | None = None,
 ) -> dict[str, Any]:
     """Train; a search's best values and parent run are recorded on the training run."""
-    run = tracked_train(data_dir, params, Path(out) / "train")
+    run = tracked_train(data_dir, params, Path(out) / "train", validation_report=validation_report)
     if searched is not None:
         record_search(run.run_id, searched)
     return {"run_id": run.run_id, "model_uri": run.model_uri, "model_dir": str(run.model_dir)}
@@ -94,10 +103,12 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 def gate_and_promote(
     name: str, version: str, data_dir: str, params: Params, evaluation: EvaluationReport
 ) -> tuple[Verdict, bool]:
-    """The gate, against the champion and the baseline the evaluate stage fitted."""
-    return registry.gate_and_promote(
-        name, version, data_dir, params, "retrain flow: gate passed", evaluation.baseline
-    )
+    """The gate, against the champion and the baseline the evaluate stage fitted; one flow
+    run at a time per model, across hosts."""
+    with promotion_slot(name):
+        return registry.gate_and_promote(
+            name, version, data_dir, params, "retrain flow: gate passed", evaluation.baseline
+        )
 
 
 @flow(name="retrain_and_evaluate", log_prints=True)
@@ -114,11 +125,11 @@ def retrain_and_evaluate(
         out = run_folder(out_dir)
         version_info = resolve_data_version(data_dir)
         name_flow_run(version_info["md5"])
-        validate(data_dir, params)
-        searched = search(data_dir, params, out) if params.train.search.enabled else None
+        report = validate(data_dir, params, out)
+        searched = search(data_dir, params, out, report) if params.train.search.enabled else None
         if searched is not None:  # the registered model is trained with the search's best
             params = with_overrides(params, searched.best_overrides)
-        trained = train(data_dir, params, out, searched)
+        trained = train(data_dir, params, out, searched, report)
         create_link_artifact(
             run_url(trained["run_id"]),
             link_text=f"MLflow run {trained['run_id']}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +17,7 @@ from mmops.evaluation.records import EvaluationReport
 from mmops.evaluation.report import baseline_section, underfit_section
 from mmops.local.stack import DEFAULT_MLFLOW_PORT, LOOPBACK
 from mmops.tracking.gate import Verdict
+from mmops.training.validation_gate import UnvalidatedDataError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ def is_transient(state: Any) -> bool:
 
 
 def is_transient_error(error: BaseException) -> bool:
-    if isinstance(error, DatasetRejected):
-        return False
+    if isinstance(error, DatasetRejected | UnvalidatedDataError):
+        return False  # the data, not the network: a retry would meet the same refusal
     for cause in _chain(error):
         if isinstance(cause, ConnectionError | TimeoutError):
             return True
@@ -180,3 +181,27 @@ def run_url(run_id: str) -> str:
         base = f"http://{LOOPBACK}:{DEFAULT_MLFLOW_PORT}"
     experiment = mlflow_client().get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+@contextmanager
+def promotion_slot(model_name: str, timeout_s: float = 3600) -> Iterator[None]:
+    """Hold the one slot of a Prefect global concurrency limit named after the model, so flow
+    runs on any host gate and promote one at a time (the registry lease covers a manual
+    `mmops promote`). The limit is created on first use; `strict` fails rather than run
+    unguarded if it cannot be taken."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"mmops-promote-{model_name}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield

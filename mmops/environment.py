@@ -58,6 +58,21 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "MASTER_ADDR": "torchrun rendezvous host (set by torchrun or the training Job)",
     "MASTER_PORT": "torchrun rendezvous port",
     "NCCL_DEBUG": "NCCL logging, for multi-GPU debugging",
+    "MLFLOW_AUTH_CONFIG_PATH": (
+        "MLflow server: its basic-auth settings file (`infra/mlflow/basic_auth.ini`)"
+    ),
+    "MLFLOW_AUTH_ADMIN_USERNAME": "MLflow server: the basic-auth admin its first start creates",
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "MLflow server: that admin's password (a secret)",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": (
+        "MLflow server: signs the basic-auth UI's CSRF tokens (a secret)"
+    ),
+    "PGPASSWORD": "PostgreSQL password libpq reads, so database URIs carry none (a secret)",
+    "PREFECT_API_AUTH_STRING": (
+        "a self-hosted Prefect server's basic auth, `user:password` (a secret)"
+    ),
+    "PREFECT_SERVER_API_AUTH_STRING": (
+        "Prefect server: the `user:password` its API and UI require (a secret)"
+    ),
 }
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from mmops.config import Params, load_params
 from mmops.data.demo import make_demo_data
+from mmops.training.validation_gate import DataValidation
 
 # Thresholds sized for 400 rows; the defaults expect a dataset of a few thousand.
 SMALL_OVERRIDES = (
@@ -63,6 +64,33 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
     make_demo_data(out, n=400, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def validated(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[Path, Params], DataValidation]:
+    """Validate a dataset as `mmops validate --out` does, and admit it as training requires."""
+    from mmops.data.validate import validate_dataset
+    from mmops.data.validation_report import REPORT_FILE, write_report
+    from mmops.training.validation_gate import require_validation
+
+    def validate(data_dir: Path, params: Params) -> DataValidation:
+        report = validate_dataset(data_dir, params)
+        assert report.success, [f"{c.name}: {c.summary()}" for c in report.failed]
+        out = tmp_path_factory.mktemp("validate")
+        write_report(report, out)
+        return require_validation(data_dir, out / REPORT_FILE)
+
+    return validate
+
+
+@pytest.fixture(scope="session")
+def demo_validation(
+    demo_dir: Path, small_params: Params, validated: Callable[[Path, Params], DataValidation]
+) -> DataValidation:
+    """The demo dataset's passing validation: what `train` takes to train on it."""
+    return validated(demo_dir, small_params)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,8 @@ def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
         )
     if _raised(exc, "mmops.data.dataset.DatasetError"):
         return UserError(str(exc), DATASET_HINT)
+    if _raised(exc, "mmops.training.checkpoint.CheckpointError"):
+        return UserError(str(exc), "delete the checkpoint, or train without --resume")
     if _raised(exc, "mmops.tracking.registry.RegistryError"):
         return UserError(
             str(exc), "`mmops models` lists the registered versions; `mmops retrain` adds one"

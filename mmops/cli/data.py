@@ -56,7 +56,10 @@ def validate(
     metrics: MetricsOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a dataset; exit 0 when it is fit to train on, 1 when not."""
+    """Check a dataset; exit 0 when it is fit to train on, 1 when not.
+
+    The report records the data version (DVC md5) it checked: training takes only that version.
+    """
     from mmops.data.validate import validate_dataset
     from mmops.data.validation_report import write_report
 
@@ -76,7 +79,10 @@ def validate(
         else f"NOT fit to train on ({len(report.failed)} checks failed)"
     )
     rows = report.stats.get("rows", 0)
-    say(f"{data_dir}: {rows} rows, {len(report.checks)} checks, {verdict} [{seconds}s]")
+    say(
+        f"{data_dir}: {rows} rows, {len(report.checks)} checks, {verdict}; data version "
+        f"{report.data_md5} [{seconds}s]"
+    )
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     raise typer.Exit(0 if report.success else 1)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +22,39 @@ from mmops.cli.common import (
     say,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from mmops.tracking.train_run import TrackedRun
+
+VALIDATION_HINT = (
+    "`mmops validate DIR --out reports/validate` writes the report training reads "
+    "(--validation-report PATH for another); --allow-unvalidated trains anyway, tagged on the run"
+)
+ValidationReportOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--validation-report",
+        help="validation.json that must pass this exact data (default: train.validation_report)",
+    ),
+]
+AllowUnvalidatedOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unvalidated",
+        help="train on data without a passing report for its version; warns, tags the run",
+    ),
+]
+
+
+@contextmanager
+def refused_as_user_error() -> Iterator[None]:
+    """Data refused for want of a passing validation report: one error line and its fix."""
+    from mmops.training.validation_gate import UnvalidatedDataError
+
+    try:
+        yield
+    except UnvalidatedDataError as exc:
+        raise UserError(str(exc), VALIDATION_HINT) from None
 
 
 @command()
@@ -41,6 +76,8 @@ def tune(
     out: Annotated[
         Path | None, typer.Option(help="folder of best_params.yaml (default: train.search.out_dir)")
     ] = None,
+    validation_report: ValidationReportOption = None,
+    allow_unvalidated: AllowUnvalidatedOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Search train.search.space with Optuna, each trial a nested MLflow run; save the best."""
@@ -50,7 +87,16 @@ def tune(
     from mmops.tracking.tune import tune as run_search
 
     params = load_command_params(params_file, overrides)
-    result = run_search(data, params, trials=trials, timeout_s=timeout, out_dir=out)
+    with refused_as_user_error():
+        result = run_search(
+            data,
+            params,
+            trials=trials,
+            timeout_s=timeout,
+            out_dir=out,
+            validation_report=validation_report,
+            allow_unvalidated=allow_unvalidated,
+        )
     say(
         f"best val accuracy {result.best_value:.4f} in {result.n_trials} trials "
         f"({result.n_pruned} pruned); run {result.parent_run_id}; params {result.params_file}"
@@ -73,25 +119,54 @@ def train(
         bool, typer.Option(help="continue from the checkpoint in the output folder")
     ] = False,
     metrics: MetricsOption = None,
+    validation_report: ValidationReportOption = None,
+    allow_unvalidated: AllowUnvalidatedOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Train a model on the dataset's train split, tracked in MLflow."""
-    import shutil
+    """Train a model on the dataset's train split, tracked in MLflow.
 
+    Only on data that passed `mmops validate` at this exact version, unless --allow-unvalidated.
+    """
     from mmops.tracking.train_run import tracked_train
 
     params = load_command_params(params_file, overrides)
     out_dir = out or Path(params.train.out_dir)
+    report = validation_report or Path(params.train.validation_report)
     if int(os.environ.get("RANK", "0")) > 0:
         # Under torchrun the other processes train their shards; rank 0 alone clears the
-        # folder, tracks the run in MLflow, saves and logs the model and reports.
+        # folder, tracks the run in MLflow, saves and logs the model and reports. Each process
+        # checks the data it reads against the report.
         from mmops.training.train import train as train_shard
+        from mmops.training.validation_gate import require_validation
 
-        train_shard(data, params, out_dir, resume=resume, progress=False)
+        with refused_as_user_error():
+            validation = require_validation(data, report, allow_unvalidated)
+        train_shard(data, params, out_dir, resume=resume, progress=False, validation=validation)
         return
-    if not resume and out_dir.exists():
-        shutil.rmtree(out_dir)  # a stale checkpoint must not leak into a fresh run
-    run = tracked_train(data, params, out_dir, resume=resume)
+    with refused_as_user_error():
+        run = tracked_train(
+            data,
+            params,
+            out_dir,
+            resume=resume,
+            validation_report=report,
+            allow_unvalidated=allow_unvalidated,
+        )
+    summary = train_summary(run)
+    if metrics is not None:
+        write_json(metrics, summary)
+    if "validation_reason" in summary:
+        say(f"warning: trained on unvalidated data: {summary['validation_reason']}")
+    say(
+        f"trained: best val accuracy {summary['best_val_accuracy']:.4f} at epoch "
+        f"{summary['best_epoch']}; run {run.run_id}; model {run.model_uri}"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def train_summary(run: TrackedRun) -> dict[str, Any]:
+    """What `mmops train` reports (--metrics, --json): the run, the model and its data's gate."""
     summary = {
         "run_id": run.run_id,
         "model_uri": run.model_uri,
@@ -101,15 +176,12 @@ def train(
         "epochs_run": run.result.epochs_run,
         "parameters": run.result.parameters,
         "device": run.result.device,
+        # passed: a report vouched for this data version; skipped: --allow-unvalidated.
+        "validation": run.result.validation["status"],
     }
-    if metrics is not None:
-        write_json(metrics, summary)
-    say(
-        f"trained: best val accuracy {summary['best_val_accuracy']:.4f} at epoch "
-        f"{summary['best_epoch']}; run {run.run_id}; model {run.model_uri}"
-    )
-    if as_json:
-        typer.echo(json.dumps(summary))
+    if run.result.validation["reason"]:
+        summary["validation_reason"] = run.result.validation["reason"]
+    return summary
 
 
 @command()

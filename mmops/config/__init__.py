@@ -19,6 +19,7 @@ from mmops.config.loader import (
 )
 from mmops.config.sections import (
     BACKENDS,
+    IMAGE_FORMATS,
     BaselineConfig,
     DataConfig,
     DemoDataConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_PARAMS_FILE",
     "FUSIONS",
+    "IMAGE_FORMATS",
     "BaselineConfig",
     "ConfigError",
     "DataConfig",

@@ -157,6 +157,8 @@ class TrainConfig:
     # 90-degree turns). Orientation-sensitive tasks (left/right questions) need none or flip.
     augment: str = "none"
     out_dir: str = "models/train"
+    # The validation report (`mmops validate --out`) whose data version training must match.
+    validation_report: str = "reports/validate/validation.json"
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

@@ -13,6 +13,9 @@ from mmops.config.learning import (
 
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
+# The image formats a dataset may hold and serving decodes (Pillow's names): one list, so serving
+# never decodes a format that validation would have refused in training data.
+IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 @dataclass(frozen=True)

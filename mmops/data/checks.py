@@ -41,6 +41,9 @@ CHECKS = {
 
 
 _MAX_LISTED = 20
+# A line for a terminal stays one: a 5000-character label or id is shown by its start.
+_MAX_DETAIL = 1000
+_MAX_ITEM = 100
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,16 @@ class CheckResult:
 
     def summary(self) -> str:
         """One line for a terminal: the detail plus the first offending ids and files."""
-        parts = [self.detail] if self.detail else []
+        parts = [_shorten(self.detail, _MAX_DETAIL)] if self.detail else []
         for label, items in (("ids", self.ids), ("files", self.files)):
             if items:
-                shown = ", ".join(items[:_MAX_LISTED])
+                shown = ", ".join(_shorten(item, _MAX_ITEM) for item in items[:_MAX_LISTED])
                 more = (
                     f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
                 )
                 parts.append(f"{label}: {shown}{more}")
         return "; ".join(parts)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

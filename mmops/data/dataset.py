@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -37,37 +40,103 @@ def find_manifest(root: Path | str) -> Path:
 def read_manifest(root: Path | str) -> pd.DataFrame:
     """The manifest as a DataFrame of Python objects, one row per example, nulls as None."""
     path = find_manifest(root)
+    frame = _read_frame(path).astype(object)
+    if frame.shape[0] == 0:
+        raise DatasetError(f"{path}: no rows; a manifest has one row per example")
+    frame = frame.where(frame.notna(), None).reset_index(drop=True)
+    _check_strings(path, frame)
+    return frame
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
     if path.suffix == ".jsonl":
-        frame = pd.DataFrame(_read_jsonl(path), dtype=object)
-    elif path.suffix == ".csv":
+        return pd.DataFrame(_read_jsonl(path), dtype=object)
+    if path.suffix == ".csv":
         # Every cell is read as text; an empty cell is a null (a missing modality for image/text).
         try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        except pd.errors.EmptyDataError:
+            raise DatasetError(
+                f"{path}: empty; its first line names the columns ({', '.join(REQUIRED_COLUMNS)})"
+            ) from None
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise DatasetError(f"{path}: not valid CSV: {exc}") from None
-    else:
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-            raise DatasetError(f"{path}: not valid Parquet: {exc}") from None
-    frame = frame.astype(object)
-    return frame.where(frame.notna(), None).reset_index(drop=True)
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise DatasetError(f"{path}: not valid Parquet: {exc}") from None
+
+
+# A NUL byte fails every file call on a path, and a lone surrogate every UTF-8 encoding (hashing
+# ids for the split, writing reports): neither belongs in a manifest.
+_BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(path: Path, frame: pd.DataFrame) -> None:
+    for column in frame.columns:
+        for row, value in enumerate(frame[column], start=1):
+            if isinstance(value, str) and (found := _BAD_CHARACTER.search(value)):
+                what = "a NUL byte" if found.group() == "\0" else "an unpaired surrogate"
+                raise DatasetError(f"{path} row {row}, field {column!r}: {what} in {value!r:.80}")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path} line {lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path} line {lineno}: expected a JSON object")
-            records.append(record)
-    return records
+    try:
+        with path.open(encoding="utf-8") as lines:
+            return [
+                record
+                for lineno, line in enumerate(lines, start=1)
+                if (record := _read_record(path, lineno, line)) is not None
+            ]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text: {exc}") from None
+
+
+def _read_record(path: Path, lineno: int, line: str) -> dict | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line, parse_int=_parse_int)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        message = exc.msg if isinstance(exc, json.JSONDecodeError) else exc
+        raise DatasetError(f"{path} line {lineno}: invalid JSON: {message}") from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path} line {lineno}: expected a JSON object")
+    for key, value in record.items():
+        if (long := _long_int(value)) is not None:
+            raise DatasetError(
+                f"{path} line {lineno}, field {key!r}: a {long.digits}-digit integer, longer "
+                f"than Python reads ({sys.get_int_max_str_digits()} digits); write ids and labels "
+                "as strings"
+            )
+    return record
+
+
+@dataclass(frozen=True)
+class _LongInt:
+    """An integer literal past Python's int-from-text limit, kept so the error names its field."""
+
+    digits: int
+
+
+def _parse_int(literal: str) -> int | _LongInt:
+    try:
+        return int(literal)
+    except ValueError:  # over sys.get_int_max_str_digits(), 4300 digits by default
+        return _LongInt(len(literal.lstrip("-")))
+
+
+def _long_int(value: object) -> _LongInt | None:
+    stack = [value]  # a loop, not recursion: JSON nests deeper than Python's stack
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _LongInt):
+            return item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def hash_split(example_id: str, ratios: SplitRatios) -> str:

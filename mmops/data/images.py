@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from mmops.config import ImageLimits
+from mmops.config import IMAGE_FORMATS, ImageLimits
 
-ALLOWED_FORMATS = ("PNG", "JPEG")
 # Absolute (POSIX or Windows) paths and any '..' component: images stay inside the dataset.
 UNSAFE_PATH = r"^(?:/|\\|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
 _UNSAFE_PATH_RE = re.compile(UNSAFE_PATH)
@@ -48,6 +47,8 @@ def inspect_chunk(root: str, relpaths: list[str], limits: ImageLimits) -> list[I
 
 def _inspect(real_root: str, relpath: str, limits: ImageLimits) -> ImageInfo:
     # os.path rather than pathlib: this runs once per image, 100k times for a large dataset.
+    if "\0" in relpath:  # os.path and open() raise on it rather than find no file
+        return ImageInfo(relpath, "image.exists", "the path holds a NUL byte")
     resolved = os.path.realpath(os.path.join(real_root, relpath))
     if not resolved.startswith(real_root + os.sep):
         return ImageInfo(
@@ -70,9 +71,10 @@ def _inspect(real_root: str, relpath: str, limits: ImageLimits) -> ImageInfo:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            if image.format not in ALLOWED_FORMATS:
+            if image.format not in IMAGE_FORMATS:
+                expected = " or ".join(IMAGE_FORMATS)
                 return ImageInfo(
-                    relpath, "image.format", f"format {image.format}, expected PNG or JPEG"
+                    relpath, "image.format", f"format {image.format}, expected {expected}"
                 )
             problem = _dimension_problem(width, height, limits)
             if problem:

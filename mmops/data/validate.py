@@ -24,6 +24,7 @@ from mmops.data.dataset import (
 )
 from mmops.data.expectations import run_expectations
 from mmops.data.images import ImageInfo, inspect_chunk, is_unsafe_path
+from mmops.data.versioning import content_md5
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ValidationReport:
     checks: tuple[CheckResult, ...]
     stats: dict[str, Any] = field(default_factory=dict)
     gx_result: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The DVC md5 of what was validated: training takes only data of this exact version.
+    data_md5: str | None = None
 
     @property
     def success(self) -> bool:
@@ -51,6 +54,7 @@ class ValidationReport:
             "dataset": self.dataset,
             "manifest": self.manifest,
             "success": self.success,
+            "data_md5": self.data_md5,
             "failed_checks": [c.name for c in self.failed],
             "stats": self.stats,
             "checks": [{**asdict(c), "description": c.description} for c in self.checks],
@@ -74,11 +78,15 @@ class ValidationReport:
 def validate_dataset(root: Path | str, params: Params) -> ValidationReport:
     """Run every check on the dataset at `root` and report each result with its offending rows."""
     root = Path(root)
+    # Hashed before any check reads a file: data changed while it was checked then differs from
+    # the recorded version, and training refuses it.
+    md5 = content_md5(root) if root.is_dir() else None
     try:
         manifest = find_manifest(root)
         frame = read_manifest(root)
     except DatasetError as exc:
-        return ValidationReport(str(root), None, (CheckResult("manifest", False, str(exc)),))
+        failed = (CheckResult("manifest", False, str(exc)),)
+        return ValidationReport(str(root), None, failed, data_md5=md5)
     checks = [CheckResult("manifest", True, f"{len(frame)} rows in {manifest.name}")]
     gx_checks, gx_result = run_expectations(frame, params)
     checks += gx_checks
@@ -89,7 +97,7 @@ def validate_dataset(root: Path | str, params: Params) -> ValidationReport:
         checks += dataset_checks(frame, images, params, stats)
     order = list(CHECKS)
     checks.sort(key=lambda c: order.index(c.name))
-    return ValidationReport(str(root), str(manifest), tuple(checks), stats, gx_result)
+    return ValidationReport(str(root), str(manifest), tuple(checks), stats, gx_result, md5)
 
 
 def inspect_images(root: Path, paths: pd.Series, params: Params) -> dict[str, ImageInfo]:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from mmops.data.validate import ValidationReport
 
+# What training reads back (mmops.training.validation_gate): `success` and `data_md5`.
+REPORT_FILE = "validation.json"
+
 
 def write_report(report: ValidationReport, out_dir: Path | str) -> Path:
     """Write validation.json, the GX result and a readable report.html; returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (out / "gx_result.json").write_text(json.dumps(report.gx_result, indent=2, default=str) + "\n")
     page = out / "report.html"
     page.write_text(render_html(report))

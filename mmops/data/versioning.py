@@ -34,16 +34,8 @@ class DataVersion:
 
 def data_version(path: Path | str) -> DataVersion:
     """Hash the dataset at `path` the way DVC does and read what DVC and git record for it."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-    from dvc_objects.fs.memory import MemoryFileSystem
-
     path = Path(path).resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such dataset")
-    # A throwaway in-memory object store: we want the hash, not a cache entry.
-    _, meta, obj = build(HashFileDB(MemoryFileSystem(), "/"), str(path), LocalFileSystem(), "md5")
+    meta, obj = _build(path)
     return DataVersion(
         path=str(path),
         md5=obj.hash_info.value,
@@ -54,6 +46,25 @@ def data_version(path: Path | str) -> DataVersion:
         git_commit=_git(path.parent, "rev-parse", "HEAD") or os.environ.get("MMOPS_GIT_COMMIT"),
         git_dirty=_git_dirty(path.parent),
     )
+
+
+def content_md5(path: Path | str) -> str:
+    """The DVC md5 of the dataset at `path`: the data version validation and training compare."""
+    return _build(Path(path).resolve())[1].hash_info.value
+
+
+def _build(path: Path) -> tuple[Any, Any]:
+    """DVC's metadata and hash object of `path`."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset")
+    # A throwaway in-memory object store: we want the hash, not a cache entry.
+    _, meta, obj = build(HashFileDB(MemoryFileSystem(), "/"), str(path), LocalFileSystem(), "md5")
+    return meta, obj
 
 
 def recorded_md5(path: Path) -> str | None:

@@ -11,32 +11,47 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mmops.config import IMAGE_FORMATS
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+_NOT_ACCEPTED = f"not an image in an accepted format ({' or '.join(IMAGE_FORMATS)})"
 
 ImageTransform = Callable[[Image.Image], Image.Image]
 TextTransform = Callable[[str], str]
 
 
 def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
-    """An RGB image from a path or encoded bytes, fully decoded.
+    """An RGB image from a path or encoded PNG or JPEG bytes, fully decoded.
 
-    With `max_pixels`, the size is checked from the header first: a decompression bomb raises
-    ValueError before any pixel is decoded.
+    Only the formats validation accepts in a dataset are decoded (Pillow's other decoders never
+    see the bytes); any other raises UnidentifiedImageError, an OSError. With `max_pixels`, the
+    size is checked from the header first: a decompression bomb raises ValueError before any
+    pixel is decoded.
     """
+    name = "" if isinstance(source, bytes) else f"{source}: "
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image = Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS
+        )
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}") from None
     except Image.DecompressionBombError as error:
         raise ValueError(str(error)) from None
-    if max_pixels is not None and image.width * image.height > max_pixels:
-        raise ValueError(
-            f"{image.width}x{image.height} is {image.width * image.height} pixels, "
-            f"over the limit of {max_pixels}"
-        )
-    image.load()
-    return image.convert("RGB")
+    with image:
+        # The JPEG opener hands a multi-picture JPEG on as format MPO, which validation refuses.
+        if image.format not in IMAGE_FORMATS:
+            raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}, got {image.format}")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ValueError(
+                f"{image.width}x{image.height} is {image.width * image.height} pixels, "
+                f"over the limit of {max_pixels}"
+            )
+        image.load()
+        return image.convert("RGB")
 
 
 def image_tensor(image: Image.Image | None, size: int) -> torch.Tensor:
@@ -70,8 +85,10 @@ class MultimodalDataset(Dataset):
         image_size: int,
         image_transform: ImageTransform | None = None,
         text_transform: TextTransform | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self.max_pixels = max_pixels  # checked from each header again as it is decoded
         self.images = list(frame["image"])
         self.texts = list(frame["text"])
         # Unknown labels (a class absent from training) map to -1 and count as errors.
@@ -87,7 +104,7 @@ class MultimodalDataset(Dataset):
         pixels = None
         # isinstance, not "is not None": pandas may hold a missing value as NaN.
         if isinstance(self.images[index], str):
-            image = open_image(self.root / self.images[index])
+            image = open_image(self.root / self.images[index], self.max_pixels)
             if self.image_transform is not None:
                 image = self.image_transform(image)
             pixels = image_tensor(image, self.image_size)

@@ -52,6 +52,8 @@ def read_records(path: Path | str) -> Iterable[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
                 yield {"id": f"{Path(path).name}:{lineno}", "_invalid": error.msg}
+            except (ValueError, RecursionError) as error:  # a 5000-digit number, deep nesting
+                yield {"id": f"{Path(path).name}:{lineno}", "_invalid": str(error)[:200]}
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

@@ -14,6 +14,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+# Before the loop starts, the first model load (a download of hundreds of MB, say) may take this
+# many times the timeout without failing the probe.
+STARTUP_FACTOR = 10
+
 
 class Liveness:
     """Heartbeats of the serving loop and the start times of the predictions running."""
@@ -22,8 +26,14 @@ class Liveness:
         self.timeout_s = timeout_s
         self.clock = clock
         self.last_beat = clock()
+        self.started = False
         self._running: dict[int, float] = {}
         self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """The model is loaded and the serving loop begins: the plain timeout applies."""
+        self.started = True
+        self.beat()
 
     def beat(self) -> None:
         """The serving loop went round once (or is waiting on the brokers, not stuck)."""
@@ -40,6 +50,11 @@ class Liveness:
     def problem(self) -> str | None:
         """Why the consumer is not live, or None."""
         now = self.clock()
+        if not self.started:
+            limit = self.timeout_s * STARTUP_FACTOR
+            if now - self.last_beat > limit:
+                return f"still starting after {now - self.last_beat:.0f} s"
+            return None
         if now - self.last_beat > self.timeout_s:
             return f"serving loop stuck for {now - self.last_beat:.0f} s"
         with self._lock:

@@ -143,6 +143,7 @@ class StreamServer:
                 threads=self.models.config.threads,
             ),
         )
+        self.liveness.start()
         self._workers = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="mmops-predict")
         try:
             self._connect()

@@ -67,9 +67,11 @@ def _requirements() -> list[str]:
 
 
 class MmopsPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: columns id, text, image (base64 PNG/JPEG or a path). Output: label, scores, error.
+    """Input: columns id, text, image (PNG/JPEG bytes or base64). Output: label, scores, error.
 
-    A thin frame adapter over `Predictor.predict_batch`, the one prediction path.
+    A thin frame adapter over `Predictor.predict_batch`, the one prediction path. An image given
+    as a file path is an error for that row: behind `mlflow models serve`, a path would let any
+    caller read image files off the server.
     """
 
     def load_context(self, context: Any) -> None:
@@ -84,8 +86,8 @@ class MmopsPyfunc(mlflow.pyfunc.PythonModel):
         # pandas holds a missing cell as NaN; a record holds a missing modality as None.
         frame = model_input.astype(object)
         records = frame.where(frame.notna(), None).to_dict("records")
-        # Paths are read relative to the working directory: a batch-scoring caller's own files.
-        results = self.predictor.predict_batch(records, root=".")
+        # No root: paths are refused, as for the stream's events.
+        results = self.predictor.predict_batch(records)
         labels = self.predictor.labels
         return pd.DataFrame(
             {

@@ -20,6 +20,7 @@ from mmops.config import Params, SearchConfig, to_dict
 from mmops.environment import mlflow_client
 from mmops.tracking.runs import MlflowTracker, configure, flatten, run_name
 from mmops.tracking.search_space import Dimension, parse_space, with_overrides, write_params_file
+from mmops.training.validation_gate import DataValidation, require_validation
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,13 @@ def tune(
     trials: int | None = None,
     timeout_s: float | None = None,
     out_dir: Path | str | None = None,
+    validation_report: Path | str | None = None,
+    allow_unvalidated: bool = False,
 ) -> SearchResult:
-    """Search `train.search.space` with Optuna, each trial a nested MLflow run; save the best."""
+    """Search `train.search.space` with Optuna, each trial a nested MLflow run; save the best.
+
+    Trials train only on data that passed validation, as `tracked_train` does.
+    """
     from mmops.data.dataset import load_splits
     from mmops.data.versioning import data_version
 
@@ -89,9 +95,12 @@ def tune(
     dims = parse_space(params)  # a bad space fails here, before any run or training
     base = _trial_base(params)
     timeout = cfg.timeout_s if timeout_s is None else timeout_s
-    configure(params)
     version = data_version(data_dir)
-    load_splits(data_dir, params)  # a dataset that cannot load leaves no failed run
+    # Refused data and a dataset that cannot load leave no MLflow run.
+    report = validation_report or params.train.validation_report
+    validation = require_validation(data_dir, report, allow_unvalidated, data_md5=version.md5)
+    load_splits(data_dir, params)
+    configure(params)
     name = run_name("tune", version.md5)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial comes from here
@@ -105,14 +114,16 @@ def tune(
                     "data.path": str(data_dir),
                     "data.md5": version.md5,
                     "git.commit": str(version.git_commit),
+                    **validation.tags(),
                 }
             )
+            parent_id = parent.info.run_id
             study.optimize(
-                lambda trial: _run_trial(trial, data_dir, base, dims, parent.info.run_id, name),
+                lambda trial: _run_trial(trial, data_dir, base, dims, validation, parent_id, name),
                 n_trials=trials or cfg.trials,
                 timeout=timeout or None,
             )
-            return _finish(study, dims, Path(out_dir or cfg.out_dir), parent.info.run_id)
+            return _finish(study, dims, Path(out_dir or cfg.out_dir), parent_id)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -143,6 +154,7 @@ def _run_trial(
     data_dir: Path | str,
     base: Params,
     dims: tuple[Dimension, ...],
+    validation: DataValidation,
     parent_id: str,
     name: str,
 ) -> float:
@@ -159,7 +171,15 @@ def _run_trial(
         # Only the score matters; the trial's model and checkpoint go with its folder.
         with tempfile.TemporaryDirectory(prefix="mmops-trial-") as tmp:
             try:
-                train(data_dir, trial_params, tmp, tracker=tracker, resume=False, progress=False)
+                train(
+                    data_dir,
+                    trial_params,
+                    tmp,
+                    tracker=tracker,
+                    resume=False,
+                    progress=False,
+                    validation=validation,
+                )
             except optuna.TrialPruned:
                 pruned = True
         state = "pruned" if pruned else "complete"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mmops.config import ModelConfig, Params, TrainConfig
-from mmops.data.dataset import load_splits
+from mmops.config import IMAGE_FORMATS, ImageLimits, ModelConfig, Params, TrainConfig
+from mmops.data.dataset import DatasetError, load_splits
+from mmops.data.images import is_unsafe_path
 from mmops.model.preprocess import Collator, MultimodalDataset, train_tokenizer
 from mmops.training.runtime import Runtime
 
@@ -32,11 +36,62 @@ class TrainLoaders:
 
 
 def load_rows(data_dir: Path, params: Params) -> TrainRows:
-    """The dataset's train and val rows, and the labels seen in training."""
+    """The dataset's train and val rows, and the labels seen in training; a row whose image
+    validation would refuse for its path or size stops training here, before any epoch."""
     frame = load_splits(data_dir, params)
     train_rows = frame[frame["split"] == "train"]
     val_rows = frame[frame["split"] == "val"]
+    check_images(data_dir, pd.concat([train_rows, val_rows]), params.validate.image)
     return TrainRows(train_rows, val_rows, sorted(train_rows["label"].unique()))
+
+
+def check_images(data_dir: Path, rows: pd.DataFrame, limits: ImageLimits) -> None:
+    """Raise DatasetError, naming the row and file, for an image outside the dataset (an
+    absolute path, a `..`, a symlink out), missing, not PNG or JPEG, or over validation's file
+    and pixel limits.
+
+    Only headers are read: validation decodes every image, and this guards what it cannot, a
+    run with `allow_unvalidated` or a file swapped since.
+    """
+    real_root = os.path.realpath(data_dir)
+    for row_id, relpath in zip(rows["id"], rows["image"], strict=True):
+        # isinstance, not "is not None": pandas may hold a missing image as NaN.
+        problem = _image_problem(real_root, relpath, limits) if isinstance(relpath, str) else None
+        if problem:
+            raise DatasetError(f"{data_dir}: row {row_id!r}: image {relpath!r} {problem}")
+
+
+def _image_problem(real_root: str, relpath: str, limits: ImageLimits) -> str | None:
+    if "\0" in relpath:  # os.path raises on it rather than find no file
+        return "holds a NUL byte"
+    # The same containment as validation (mmops.data.images): the real path must stay inside.
+    resolved = os.path.realpath(os.path.join(real_root, relpath))
+    if is_unsafe_path(relpath) or not resolved.startswith(real_root + os.sep):
+        return f"resolves outside the dataset ({resolved}); training reads only files inside it"
+    try:
+        size = os.stat(resolved).st_size
+        if size > limits.max_file_mb * 2**20:
+            mib = size / 2**20
+            return f"is {mib:.1f} MiB, over validate.image.max_file_mb {limits.max_file_mb}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # The header only: no pixel is decoded, and no decoder but PNG's and JPEG's runs.
+            with Image.open(resolved, formats=IMAGE_FORMATS) as image:
+                width, height, found = *image.size, image.format
+    except FileNotFoundError:
+        return "not found"
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        return f"cannot be opened as {' or '.join(IMAGE_FORMATS)}: {exc}"
+    if found not in IMAGE_FORMATS:  # a multi-picture JPEG opens as MPO
+        return f"is {found}, not {' or '.join(IMAGE_FORMATS)}"
+    if width * height > limits.max_pixels:
+        return (
+            f"is {width}x{height} = {width * height} pixels, over validate.image.max_pixels "
+            f"{limits.max_pixels}"
+        )
+    if max(width, height) > limits.max_side:
+        return f"is {width}x{height}, a side over validate.image.max_side {limits.max_side}"
+    return None
 
 
 def build_tokenizer(mcfg: ModelConfig, texts: pd.Series) -> Any:
@@ -57,8 +112,11 @@ def build_loaders(
     cfg, mcfg = params.train, params.model
     label_index = {label: i for i, label in enumerate(rows.labels)}
     collate = Collator(tokenizer, mcfg.image_size, mcfg.max_text_length)
-    train_set = MultimodalDataset(data_dir, rows.train, label_index, mcfg.image_size)
-    val_set = MultimodalDataset(data_dir, rows.val, label_index, mcfg.image_size)
+    limit = params.validate.image.max_pixels
+    train_set = MultimodalDataset(
+        data_dir, rows.train, label_index, mcfg.image_size, max_pixels=limit
+    )
+    val_set = MultimodalDataset(data_dir, rows.val, label_index, mcfg.image_size, max_pixels=limit)
     # A sampler even on one process: the shuffle order is then a function of (seed, epoch) only,
     # which is what makes a resumed run repeat an uninterrupted one.
     sampler = DistributedSampler(

@@ -80,6 +80,8 @@ class TrainResult:
     world_size: int
     parameters: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # How the data was admitted (mmops.training.validation_gate.DataValidation.to_dict()).
+    validation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "model_dir": str(self.model_dir)}

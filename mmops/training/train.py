@@ -29,6 +29,7 @@ from mmops.training.optim import build_optimizer, step_budget
 from mmops.training.progress import Tracker, TrainProgress, TrainResult, chance_floor
 from mmops.training.runtime import Runtime, barrier, setup_runtime, shutdown_runtime
 from mmops.training.steps import evaluate_loss, train_epoch, train_step
+from mmops.training.validation_gate import DataValidation, require_validation
 
 # Names other modules import from here, wherever they now live.
 __all__ = [
@@ -75,13 +76,20 @@ def train(
     tracker: Tracker | None = None,
     resume: bool = True,
     progress: bool = True,
+    validation: DataValidation | None = None,
 ) -> TrainResult:
-    """Train on the dataset's train split, early-stop on val accuracy, save the best model."""
+    """Train on the dataset's train split, early-stop on val accuracy, save the best model.
+
+    Only data that passed validation at its exact version: without `validation` (what
+    `require_validation` returned), the report at `train.validation_report` must vouch for it.
+    """
     cfg = params.train
+    if validation is None:
+        validation = require_validation(data_dir, cfg.validation_report)
     out = Path(out_dir or cfg.out_dir)
     runtime = setup_runtime(cfg.device, cfg.precision)
     try:
-        return _train(Path(data_dir), params, out, runtime, tracker, resume, progress)
+        return _train(Path(data_dir), params, out, runtime, tracker, resume, progress, validation)
     finally:
         shutdown_runtime()
 
@@ -94,6 +102,7 @@ def _train(
     tracker: Tracker | None,
     resume: bool,
     show_progress: bool,
+    validation: DataValidation,
 ) -> TrainResult:
     cfg = params.train
     # The model's initial weights are drawn from this seed.
@@ -139,6 +148,7 @@ def _train(
         world_size=runtime.world_size,
         parameters=count_parameters(model),
         history=progress.history,
+        validation=validation.to_dict(),
     )
     if runtime.is_main:
         write_history(out, result)

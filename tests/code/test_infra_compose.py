@@ -31,7 +31,9 @@ INFRA = ROOT / "infra"
 COMPOSE_FILES = [INFRA / "docker-compose.yml", INFRA / "docker-compose.gpu.yml"]
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 MMOPS_IMAGE = "ghcr.io/mmops/mmops"
-SECRET_WORDS = ("PASSWORD", "SECRET")
+SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING")
+# Written by infra/tls/make-certs.sh, never committed: bind mounts from here need not exist yet.
+GENERATED = "./tls/certs/"
 
 
 def env_example() -> dict[str, str]:
@@ -111,9 +113,12 @@ def test_every_variable_is_in_the_env_template_or_has_a_default() -> None:
         text = path.read_text()
         used |= {m["name"] for m in VARIABLE.finditer(text)}
         interpolate(text, filled_env())  # raises on a variable without value or default
-    # A required secret is blank in the template and nowhere else.
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(COMPOSE_FILES[0].read_text(), env_example())
+    # Every secret is blank in the template and required: compose stops without it, naming it.
+    blank = [k for k, v in env_example().items() if not v]
+    assert "POSTGRES_PASSWORD" in blank
+    for name in blank:
+        with pytest.raises(KeyError, match=name):
+            interpolate(COMPOSE_FILES[0].read_text(), {**filled_env(), name: ""})
     assert set(env_example()) <= used, f"unused in compose: {set(env_example()) - used}"
 
 
@@ -148,13 +153,28 @@ def test_services_have_healthchecks_and_one_shots_run_once() -> None:
                 assert "healthcheck" in target, (name, dependency)
 
 
+def mounts(service: dict[str, Any]) -> list[dict[str, Any]]:
+    """A service's volumes in the long syntax (source, target, read_only)."""
+    long = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            long.append(volume)
+        else:
+            source, target, *mode = volume.split(":")
+            long.append({"source": source, "target": target, "read_only": mode == ["ro"]})
+    return long
+
+
 def test_named_volumes_are_declared_and_used() -> None:
     declared = set(compose()["volumes"])
     mounted = set()
     for name, service in services().items():
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith((".", "/")):
+        for volume in mounts(service):
+            source = volume["source"]
+            if source.startswith(GENERATED):
+                # Generated files: a missing folder must stop `up`, not become an empty mount.
+                assert volume["read_only"] and volume["bind"]["create_host_path"] is False, name
+            elif source.startswith((".", "/")):
                 assert (INFRA / source).exists(), f"{name}: {source} is missing"
             else:
                 mounted.add(source)
@@ -204,8 +224,12 @@ def test_secrets_come_from_the_env_file_never_the_compose_file() -> None:
         for key, value in environment.items():
             if any(word in key for word in SECRET_WORDS):
                 assert str(value).startswith("${"), f"{name}: {key} is a literal"
-    # Passwords inside URLs are interpolated too.
-    assert "postgresql://mmops:${POSTGRES_PASSWORD}@" in COMPOSE_FILES[0].read_text()
+    # Passwords inside URLs are interpolated too, or left to libpq's PGPASSWORD.
+    text = COMPOSE_FILES[0].read_text()
+    assert "postgresql+asyncpg://mmops:${POSTGRES_PASSWORD}@" in text
+    for url in re.findall(r"postgresql[+\w]*://[^\s'\"]+", text):
+        user_info = url.split("://", 1)[1].split("@")[0]
+        assert ":" not in user_info or user_info.endswith(":${POSTGRES_PASSWORD}"), url
     assert all(not v for k, v in env_example().items() if any(w in k for w in SECRET_WORDS))
 
 

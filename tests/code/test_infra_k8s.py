@@ -74,6 +74,11 @@ def pool_pod_spec() -> dict[str, Any]:
     return fill(template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"])
 
 
+def pool_pod_template() -> dict[str, Any]:
+    """The flow-run pod template of the `gpu` work pool: its metadata and spec."""
+    return pool_template()["job_configuration"]["job_manifest"]["spec"]["template"]
+
+
 def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
     for obj in objects():
         if obj["kind"] in ("Deployment", "Job"):
@@ -127,7 +132,14 @@ def topic_partitions() -> int:
 
 def is_secret_name(name: str) -> bool:
     description = {**VARIABLES, **LIBRARY_VARIABLES}.get(name, "")
-    return "(a secret)" in description or bool(re.search(r"PASSWORD|SECRET|TOKEN|API_KEY", name))
+    return "(a secret)" in description or bool(
+        re.search(r"PASSWORD|SECRET|TOKEN|API_KEY|AUTH_STRING", name)
+    )
+
+
+def secrets() -> dict[str, dict[str, str]]:
+    """The keys and placeholders of each Secret in secret.example.yaml, by name."""
+    return {s["metadata"]["name"]: s["stringData"] for s in load("secret.example.yaml")}
 
 
 def test_every_manifest_parses_and_names_its_object() -> None:
@@ -216,8 +228,21 @@ def test_prefect_worker_mounts_its_template_and_settings() -> None:
     settings = tomllib.loads((K8S / keys["prefect.toml"]).read_text())
     k8s = settings["integrations"]["kubernetes"]
     assert k8s["observer"]["namespaces"] == [kustomization()["namespace"]]
-    assert k8s["worker"]["api_key_secret_name"] == "mmops-secrets"
-    assert k8s["worker"]["api_key_secret_key"] == "PREFECT_API_KEY"
+    # Flow-run Jobs reference the worker's Prefect credentials where the worker reads them.
+    worker_refs = {
+        (e["name"], e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    for setting, name in (
+        ("api_key", "PREFECT_API_KEY"),
+        ("api_auth_string", "PREFECT_API_AUTH_STRING"),
+    ):
+        secret, key = (
+            k8s["worker"][f"{setting}_secret_name"],
+            k8s["worker"][f"{setting}_secret_key"],
+        )
+        assert (name, secret, key) in worker_refs and key in secrets()[secret], setting
 
 
 def test_prefect_worker_role_covers_the_jobs_it_manages() -> None:
@@ -250,26 +275,37 @@ def test_work_pool_template_runs_flows_on_a_gpu_in_the_namespace() -> None:
     assert variables["image"]["default"] == GPU_IMAGE
     [container] = pool_pod_spec()["containers"]
     assert container["image"] == GPU_IMAGE and container["resources"]["limits"][GPU] >= 1
-    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
-    assert refs == {"mmops-env", "mmops-secrets"}
+    assert container["envFrom"] == [{"configMapRef": {"name": "mmops-env"}}]
 
 
 def test_work_pool_template_renders_with_prefect_kubernetes() -> None:
     """The worker's own validation (it rejects a template missing fields it expects)."""
     worker = pytest.importorskip("prefect_kubernetes.worker")
     import asyncio
+    import uuid
 
+    from prefect.client.schemas.objects import FlowRun
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # Any API URL: rendering needs no server, but without one Prefect starts a temporary one.
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         config = asyncio.run(
             worker.KubernetesWorkerJobConfiguration.from_template_and_values(
-                pool_template(), {"gpu_count": 2}
+                pool_template(), {"gpu_count": 2, "env": {"MLFLOW_TRACKING_URI": "http://m"}}
             )
         )
-    [container] = config.job_manifest["spec"]["template"]["spec"]["containers"]
+        config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="run"))
+    pod = config.job_manifest["spec"]["template"]
+    [container] = pod["spec"]["containers"]
     assert container["image"] == GPU_IMAGE and container["resources"]["limits"][GPU] == 2
+    # The worker puts its variables before the template's secret references and keeps both.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PREFECT_API_URL"]["value"] and env["MLFLOW_TRACKING_URI"]["value"] == "http://m"
+    for entry in pool_pod_spec()["containers"][0]["env"]:
+        assert env[entry["name"]] == entry
+    # Its network policy selects the pod by this label, which Prefect's own labels leave alone.
+    expected = pool_pod_template()["metadata"]["labels"]["app.kubernetes.io/name"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == expected
 
 
 def test_consumers_do_not_outnumber_the_partitions() -> None:
@@ -380,15 +416,15 @@ def test_env_names_are_declared_in_mmops_environment() -> None:
     known = VARIABLES.keys() | LIBRARY_VARIABLES.keys()
     names = {(where, e["name"]) for where, c in containers() for e in c.get("env") or []}
     names |= {("ConfigMap mmops-env", k) for k in find("ConfigMap", "mmops-env")["data"]}
-    names |= {("secret.example.yaml", k) for k in find("Secret", "mmops-secrets")["stringData"]}
+    names |= {(f"Secret {name}", k) for name, keys in secrets().items() for k in keys}
     unknown = sorted(f"{where}: {name}" for where, name in names if name not in known)
     assert not unknown, unknown
 
 
 def test_env_references_resolve_to_config_and_secret_keys() -> None:
     sources = {
-        "configMapKeyRef": ("mmops-env", find("ConfigMap", "mmops-env")["data"]),
-        "secretKeyRef": ("mmops-secrets", find("Secret", "mmops-secrets")["stringData"]),
+        "configMapKeyRef": {"mmops-env": find("ConfigMap", "mmops-env")["data"]},
+        "secretKeyRef": secrets(),
     }
     refs = [
         (where, kind, ref)
@@ -405,12 +441,12 @@ def test_env_references_resolve_to_config_and_secret_keys() -> None:
             refs.append(("keda", "secretKeyRef", ref))
     assert refs
     for where, kind, ref in refs:
-        name, keys = sources[kind]
-        assert ref["name"] == name and ref["key"] in keys, f"{where}: {kind} {ref}"
+        assert ref["key"] in sources[kind].get(ref["name"], {}), f"{where}: {kind} {ref}"
 
 
 def test_secrets_never_appear_as_literal_values() -> None:
     assert is_secret_name("KAFKA_SASL_PASSWORD") and not is_secret_name("AWS_ACCESS_KEY_ID")
+    assert is_secret_name("PREFECT_API_AUTH_STRING")
     for where, container in containers():
         for entry in container.get("env") or []:
             if is_secret_name(entry["name"]):
@@ -423,10 +459,10 @@ def test_secrets_never_appear_as_literal_values() -> None:
     assert not [
         o for o in objects(sorted(set(manifest_files()) - OPTIONAL)) if o["kind"] == "Secret"
     ]
-    example = find("Secret", "mmops-secrets")["stringData"]
-    for key, value in example.items():
-        if is_secret_name(key):
-            assert value == "CHANGE-ME", f"secret.example.yaml: {key} holds a value"
+    for name, keys in secrets().items():
+        for key, value in keys.items():
+            if is_secret_name(key):
+                assert value == "CHANGE-ME", f"secret.example.yaml: {name} {key} holds a value"
 
 
 def test_pods_meet_the_restricted_pod_security_standard() -> None:
@@ -445,5 +481,4 @@ def test_pods_meet_the_restricted_pod_security_standard() -> None:
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes, f"{where} mounts an undeclared volume"
             for ref in container.get("envFrom", []):
-                for source in ref.values():
-                    assert source["name"] in ("mmops-env", "mmops-secrets"), where
+                assert ref == {"configMapRef": {"name": "mmops-env"}}, where

@@ -20,6 +20,7 @@ from mmops.model.classifier import (
 from mmops.model.preprocess import train_tokenizer
 from mmops.model.storage import META_FILE, load_model, save_model
 from mmops.training.train import train
+from mmops.training.validation_gate import DataValidation
 
 ARCHS = (("cnn", "embedding"), ("vit", "bert"))
 VOCAB = 60
@@ -322,6 +323,7 @@ def test_build_encoders_loads_pretrained_weights(
 def test_train_with_pretrained_encoders_saves_a_loadable_model(
     tiny_overrides: tuple[str, ...],
     demo_dir: Path,
+    demo_validation: DataValidation,
     pretrained_dirs: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
@@ -336,7 +338,8 @@ def test_train_with_pretrained_encoders_saves_a_loadable_model(
         ],
     )
 
-    result = train(demo_dir, params, out_dir=tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    result = train(demo_dir, params, out, progress=False, validation=demo_validation)
     loaded = load_model(result.model_dir)
 
     assert result.epochs_run == 1

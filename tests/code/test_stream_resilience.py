@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -76,6 +77,11 @@ def test_the_server_never_predicts_a_batch_over_max_batch_bytes() -> None:
 def test_liveness_fails_when_the_loop_stops_beating_or_a_prediction_hangs() -> None:
     clock = Clock()
     liveness = Liveness(10.0, clock)
+    clock.now += 11
+    assert liveness.problem() is None  # still loading the model: a longer grace
+    clock.now += 100
+    assert "still starting" in str(liveness.problem())
+    liveness.start()
     assert liveness.problem() is None
     clock.now += 11
     assert "serving loop stuck" in str(liveness.problem())
@@ -93,24 +99,31 @@ def test_liveness_fails_when_the_loop_stops_beating_or_a_prediction_hangs() -> N
 
 def test_healthz_answers_503_for_a_stuck_prediction_and_metrics_stay_served() -> None:
     release = threading.Event()
-    predictor = FakePredictor("1", hook=lambda batch: release.wait(10))
-    r = rig({P0: messages_of(P0, [event(i) for i in ids(2)])}, predictor, liveness_timeout_s=0.3)
+    predictor = FakePredictor("1", hook=lambda batch: release.wait(20))
+    r = rig({P0: messages_of(P0, [event(i) for i in ids(2)])}, predictor, liveness_timeout_s=1)
     r.server.metrics.serve(0, r.server.liveness)
     port = r.server.metrics._server.server_port
     thread = threading.Thread(target=r.server.run, args=(2,))
     thread.start()
     try:
-        time.sleep(0.8)
-        assert status(port, "/healthz") == 503
+        assert eventually(lambda: status(port, "/healthz") == 503)
         assert status(port, "/metrics") == 200
         release.set()
-        time.sleep(0.3)
-        assert status(port, "/healthz") == 200
+        assert eventually(lambda: r.producer.ids() == ids(2))
     finally:
         release.set()
         thread.join(10)
         r.server.metrics.close()
-    assert r.producer.ids() == ids(2)
+    assert r.server.liveness.problem() is None
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def status(port: int, path: str) -> int:

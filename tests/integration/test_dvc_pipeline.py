@@ -127,10 +127,15 @@ def test_full_pipeline_train_evaluate_export(clone: Path) -> None:
     params["export"].update(latency_repeats=3)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+    trained = run(["dvc", "repro", "train"], clone)
     run(["dvc", "repro"], clone)
 
+    # train depends on validate's report, so `dvc repro train` validated the data first.
+    assert "Running stage 'validate'" in trained.stdout
+    assert trained.stdout.index("'validate'") < trained.stdout.index("Running stage 'train'")
     train_metrics = json.loads((clone / "metrics/train.json").read_text())
     assert train_metrics["epochs_run"] == 2 and train_metrics["run_id"]
+    assert train_metrics["validation"] == "passed"
     evaluation = json.loads((clone / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluation["accuracy"] <= 1.0 and "ablation.image_only" in evaluation
     assert (clone / "reports/evaluate/confusion_matrix.png").is_file()

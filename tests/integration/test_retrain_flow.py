@@ -137,6 +137,10 @@ def test_versions_carry_data_version_commit_metrics_and_export(
     assert tags["mmops.champion.by"] == "ci"
     run = client().get_run(first["run_id"])
     assert run.data.tags["data.md5"] == first["data_md5"]
+    # Trained on the data version its own validate task passed, and says so.
+    assert run.data.tags["mmops.validation"] == "passed"
+    assert run.data.tags["mmops.validation.data_md5"] == first["data_md5"]
+    assert run.data.tags["mmops.validation.report"].endswith("/validate/validation.json")
 
 
 def test_models_promote_and_rollback(two_runs: tuple[dict, dict]) -> None:
@@ -261,3 +265,17 @@ def _wait_for_deployment(name: str, get_client: Any) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def test_a_second_promotion_waits_for_the_slot_the_first_holds(prefect_api: None) -> None:
+    """The flow's gate holds a Prefect global concurrency limit: strict across hosts."""
+    from mmops_flows.support import promotion_slot
+
+    with (
+        promotion_slot("slot-test"),  # created on first use, then held
+        pytest.raises(TimeoutError),
+        promotion_slot("slot-test", timeout_s=1),
+    ):
+        pytest.fail("took a slot another holder has")
+    with promotion_slot("slot-test", timeout_s=10):  # released: free again
+        pass

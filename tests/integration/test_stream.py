@@ -93,6 +93,8 @@ def registered(
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MMOPS_LOCK_DIR", str(workdir))
         args = set_args((*tiny_overrides, "train.epochs=4", "train.lr=0.003"))
+        validate = ["validate", str(demo_dir), "--out", "reports/validate", *args]
+        assert runner.invoke(app, validate).exit_code == 0  # training reads its report
         trained = runner.invoke(app, ["train", "--data", str(demo_dir), *args, "--json"])
         assert trained.exit_code == 0, trained.output
         model_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
@@ -619,3 +621,187 @@ def test_up_serve_stream_demo_down(registered: Registered, demo_dir: Path, tmp_p
     assert "broker" in stopped.stdout and "mlflow" in stopped.stdout
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{LOOPBACK}:{mlflow_port}/health", timeout=2)
+
+
+class RawKey(str):
+    """A header key that kafka-python's producer writes as the given bytes, UTF-8 or not."""
+
+    raw: bytes = b""
+
+    def __new__(cls, raw: bytes) -> RawKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:  # type: ignore[override]
+        return self.raw
+
+
+def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_its_batch_served(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    good = registered.events[:3]
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50)  # one record batch
+    for i, event in enumerate(good):
+        headers = [(RawKey(b"\xff\xfe"), b"x")] if i == 1 else [("trace", b"t")]
+        producer.send(topics.input, key=b"same", value=encode(event), headers=headers)
+    producer.flush()
+    producer.close()
+    serving()
+
+    out = read_topic(bootstrap, topics.output, covers({good[0]["id"], good[2]["id"]}))
+    dead = read_topic(bootstrap, topics.dead, lambda m: len(m) >= 1)
+
+    assert sorted(set(ids_of(out))) == sorted([good[0]["id"], good[2]["id"]])
+    [letter] = dead
+    assert dict(letter.headers)["mmops.error.reason"] == b"bad_header_key"
+    assert letter.value == encode(good[1])
+
+
+def fuzz_corpus(valid: list[dict[str, Any]], max_bytes: int, rng: random.Random) -> list[Any]:
+    """(value, headers, is_valid) events: valid ones interleaved with mutations of them."""
+    corpus: list[Any] = []
+    for i, event in enumerate(valid):
+        corpus.append((encode({**event, "id": f"v{i}"}), [], True))
+        for j in range(5):
+            kind, mutated = rng.randrange(6), encode({**event, "id": f"m{i}-{j}"})
+            headers: list[tuple[str, bytes]] = []
+            if kind == 0:  # bytes flipped
+                data = bytearray(mutated)
+                for _ in range(rng.randint(1, 8)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                mutated = bytes(data)
+            elif kind == 1:  # random bytes
+                mutated = rng.randbytes(rng.randint(0, 2000))
+            elif kind == 2:  # random nesting, past what JSON parsers and writers take
+                depth = rng.randint(1, 1500)
+                mutated = mutated[:-1] + b', "x": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+            elif kind == 3:  # random header keys and values
+                for _ in range(rng.randint(1, 4)):
+                    key = RawKey(rng.randbytes(rng.randint(0, 12)))
+                    headers.append((key, rng.randbytes(rng.randint(0, 64))))
+            elif kind == 4:  # random sizes up to and past the limit
+                pad = "p" * rng.randint(0, int(max_bytes * 1.2))
+                mutated = encode({**event, "id": f"m{i}-{j}", "pad": pad})
+            else:  # a field of the wrong type
+                mutated = encode({**event, "id": f"m{i}-{j}", "text": rng.choice([1, [], {}])})
+            corpus.append((mutated, headers, False))
+    return corpus
+
+
+def produced_count(bootstrap: str, *topics_: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    partitions = [TopicPartition(t, p) for t in topics_ for p in range(PARTITIONS)]
+    total = sum(consumer.end_offsets(partitions).values())
+    consumer.close()
+    return total
+
+
+def parsed_id(value: bytes | None) -> str | None:
+    try:
+        event = json.loads(value or b"")
+    except (ValueError, RecursionError):
+        return None
+    return event.get("id") if isinstance(event, dict) and isinstance(event.get("id"), str) else None
+
+
+def test_fuzzed_events_and_two_kill_9s_lose_nothing_and_stop_nothing(
+    registered: Registered, topics: Topics, bootstrap: str, tmp_path: Path
+) -> None:
+    rng, max_bytes = random.Random(17), 200_000
+    corpus = fuzz_corpus(registered.events[:400], max_bytes, rng)
+    overrides = (
+        *topics.overrides,
+        f"stream.max_event_bytes={max_bytes}",
+        "stream.max_batch_bytes=400000",
+        "predict.max_image_bytes=100000",
+    )
+    names = (topics.input, topics.output, topics.dead)
+    fuzzed = Topics(overrides, load_params(None, overrides), *names)
+    log = tmp_path / "serve.log"
+    offsets: list[tuple[int, int]] = []
+
+    def send() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 << 20)
+        futures = [
+            producer.send(topics.input, key=str(i).encode(), value=value, headers=headers)
+            for i, (value, headers, _) in enumerate(corpus)
+        ]
+        producer.flush()
+        offsets.extend((f.get().partition, f.get().offset) for f in futures)
+        producer.close()
+
+    sender = threading.Thread(target=send)
+    process = serve_process(fuzzed, bootstrap, registered, log)
+    sender.start()
+    for share in (0.2, 0.5):  # kill -9 once a fifth, then half, of the corpus is answered
+        while produced_count(bootstrap, topics.output, topics.dead) < share * len(corpus):
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0, 0.5))
+        process.kill()
+        process.wait()
+        process = serve_process(fuzzed, bootstrap, registered, log)
+    sender.join()
+    source = {position: where for position, where in enumerate(offsets)}
+
+    def accounted(messages: list[Any]) -> set[tuple[int, int]]:
+        letters = {
+            (int(h["mmops.source.partition"]), int(h["mmops.source.offset"]))
+            for h in (dict(m.headers) for m in messages if m.topic == topics.dead)
+        }
+        predicted = {json.loads(m.value)["id"] for m in messages if m.topic == topics.output}
+        return letters | {
+            source[i] for i, (value, _, _) in enumerate(corpus) if parsed_id(value) in predicted
+        }
+
+    everything = set(offsets)
+    out: list[Any] = []
+    dead: list[Any] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        out = read_topic(bootstrap, topics.output, lambda m: False, timeout=0, settle=0.5)
+        dead = read_topic(bootstrap, topics.dead, lambda m: False, timeout=0, settle=0.5)
+        if accounted(out + dead) >= everything:
+            break
+    assert process.poll() is None, log.read_text()[-3000:]  # alive and serving
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=60)
+
+    done = accounted(out + dead)
+    assert everything <= done, f"{len(everything - done)} events neither predicted nor dead"
+    valid_ids = {f"v{i}" for i in range(400)}
+    assert valid_ids <= set(ids_of(out))
+    dead_ids = {parsed_id(m.value) for m in dead}
+    assert not valid_ids & dead_ids
+    assert code == 0
+    reasons = Counter(dict(m.headers)["mmops.error.reason"].decode() for m in dead)
+    print(
+        json.dumps(
+            {
+                "events": len(corpus),
+                "valid": 400,
+                "mutated": len(corpus) - 400,
+                "predictions": len(out),
+                "distinct_predicted": len(set(ids_of(out))),
+                "dead_letters": len(dead),
+                "reasons": dict(reasons),
+                "kills": 2,
+            }
+        )
+    )
+
+
+def test_loading_a_registered_model_leaves_no_download_behind(
+    registered: Registered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from mmops.serving.predictor import Predictor
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.tracking_uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for version in ("1", "2", "1"):  # what a consumer does on each swap
+        predictor = Predictor.load(f"models:/{MODEL}/{version}")
+        assert predictor.predict_batch([registered.events[0]])[0]["label"]
+    assert list(tmp_path.iterdir()) == []

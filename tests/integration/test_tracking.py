@@ -74,6 +74,9 @@ def tracked(
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)  # default output folders and the artifact store land in tmp
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # As `dvc repro train` does: validate into reports/validate, where train looks.
+        validate = ["validate", str(data_dir), "--out", "reports/validate", "--json"]
+        invoke(*validate, *set_args(tiny_overrides))
         trained = invoke("train", "--data", str(data_dir), *set_args(tiny_overrides), "--json")
         evaluated = invoke(
             "evaluate",
@@ -124,6 +127,60 @@ def test_train_run_records_params_tags_and_epoch_metrics(
     assert tags["data.md5"].endswith(".dir")
     assert tags["git.commit"] == tracked.commit
     assert tags["mmops.stage"] == "train"
+
+
+def test_train_run_records_the_validation_that_admitted_its_data(tracked: Tracked) -> None:
+    tags = tracked.client.get_run(tracked.train["run_id"]).data.tags
+
+    assert tracked.train["validation"] == "passed"
+    assert tags["mmops.validation"] == "passed"
+    assert tags["mmops.validation.data_md5"] == tags["data.md5"]
+    report = tracked.workdir / "reports/validate/validation.json"
+    assert tags["mmops.validation.report"] == str(report.resolve())
+    assert "mmops.validation.reason" not in tags
+
+
+def test_training_refuses_unvalidated_data_and_leaves_no_run(
+    tracked: Tracked, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tracked.data_dir, data)
+    (data / "notes.txt").write_text("a file added after validation\n")
+    experiment = tracked.client.get_experiment_by_name(load_params(None).tracking.experiment)
+    runs_before = tracked.client.search_runs([experiment.experiment_id])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tracked.workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked.workdir / 'mlflow.db'}")
+        args = ["train", "--data", str(data), "--out", str(tmp_path / "out")]
+        refused = runner.invoke(app, [*args, *set_args(tiny_overrides)])
+
+    assert refused.exit_code == 2
+    error = refused.stderr.splitlines()[0]
+    assert error.startswith("error: reports/validate/validation.json validated ")
+    assert data_version(data).md5 in error
+    assert not (tmp_path / "out").exists()
+    runs_after = tracked.client.search_runs([experiment.experiment_id])
+    assert len(runs_after) == len(runs_before)
+
+
+def test_the_override_trains_and_tags_the_run_skipped(
+    tracked: Tracked, tiny_overrides: tuple[str, ...], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tracked.data_dir, data)
+    (data / "notes.txt").write_text("a file added after validation\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tracked.workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked.workdir / 'mlflow.db'}")
+        args = ["train", "--data", str(data), "--out", str(tmp_path / "out")]
+        summary = invoke(
+            *args, "--allow-unvalidated", *set_args((*tiny_overrides, "train.epochs=1")), "--json"
+        )
+
+    tags = tracked.client.get_run(summary["run_id"]).data.tags
+    assert summary["validation"] == tags["mmops.validation"] == "skipped"
+    assert data_version(data).md5 in tags["mmops.validation.reason"]
+    assert summary["validation_reason"] == tags["mmops.validation.reason"]
 
 
 def test_train_run_records_the_dataset(tracked: Tracked) -> None:

@@ -49,8 +49,14 @@ def searched(
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # Trials train only on a data version that passed: the report where tune looks for it.
+        sets = [a for o in overrides for a in ("--set", o)]
+        validated = CliRunner().invoke(
+            app, ["validate", str(demo_dir), "--out", "reports/validate", *sets]
+        )
+        assert validated.exit_code == 0, validated.output
         args = ["tune", "--data", str(demo_dir), "--trials", str(TRIALS), "--json"]
-        result = CliRunner().invoke(app, [*args, *(a for o in overrides for a in ("--set", o))])
+        result = CliRunner().invoke(app, [*args, *sets])
         assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         yield Searched(workdir, overrides, summary, mlflow.MlflowClient(uri))
@@ -70,6 +76,7 @@ def test_each_trial_is_a_nested_run_under_one_parent(searched: Searched) -> None
     children = trial_runs(searched)
 
     assert parent.info.run_name.startswith("tune-") and parent.data.tags["mmops.stage"] == "tune"
+    assert parent.data.tags["mmops.validation"] == "passed"
     assert len(children) == TRIALS == searched.summary["n_trials"]
     states = [run.data.tags["state"] for run in children]
     assert set(states) <= {"complete", "pruned"}

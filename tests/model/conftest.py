@@ -8,6 +8,7 @@ import pytest
 
 from mmops.config import Params, load_params
 from mmops.training.train import TrainResult, train
+from mmops.training.validation_gate import DataValidation
 
 # Four epochs at a learning rate where the tiny model's train loss falls every time; the
 # contrastive term makes evaluation report retrieval too.
@@ -21,8 +22,11 @@ def train_params(tiny_overrides: tuple[str, ...]) -> Params:
 
 @pytest.fixture(scope="session")
 def trained_run(
-    demo_dir: Path, train_params: Params, tmp_path_factory: pytest.TempPathFactory
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    train_params: Params,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> TrainResult:
     """The shared trained run; tests must not write into its folder."""
     out = tmp_path_factory.mktemp("trained")
-    return train(demo_dir, train_params, out_dir=out, progress=False)
+    return train(demo_dir, train_params, out_dir=out, progress=False, validation=demo_validation)

@@ -28,6 +28,7 @@ from mmops.evaluation.report import (
     REPORT_FILE,
 )
 from mmops.training.train import TrainResult, train
+from mmops.training.validation_gate import DataValidation
 
 PERTURBATIONS = ("image_noise", "image_blur", "text_typos", "missing_image", "missing_text")
 # What MLflow accepts in a metric name (it also allows ':', except on Windows).
@@ -179,11 +180,15 @@ def test_baseline_is_reported_beside_the_model(evaluated: tuple[EvaluationReport
 
 
 def test_a_model_at_chance_is_reported_as_underfit_with_its_curve(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     # One epoch at a learning rate that moves no weight: a model that has learnt nothing.
     params = load_params(None, [*tiny_overrides, "train.epochs=1", "train.lr=0.000001"])
-    untrained = train(demo_dir, params, out_dir=tmp_path / "train", progress=False)
+    out = tmp_path / "train"
+    untrained = train(demo_dir, params, out, progress=False, validation=demo_validation)
 
     report = evaluate_model(untrained.model_dir, demo_dir, params, tmp_path / "evaluate")
 

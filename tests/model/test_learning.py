@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 from sklearn.linear_model import LogisticRegression
 
-from mmops.config import load_params
+from mmops.config import Params, load_params
 from mmops.evaluation.evaluate import evaluate_model
 from mmops.training.train import train
+from mmops.training.validation_gate import DataValidation
 
 COLOURS = [(220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 30)]
 NUMBERS = ["zero", "one", "two", "three"]
@@ -49,7 +51,9 @@ def test_neither_modality_alone_predicts_the_toy_label(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_model_learns_a_label_that_needs_both_modalities(
-    tmp_path: Path, small_overrides: tuple[str, ...]
+    tmp_path: Path,
+    small_overrides: tuple[str, ...],
+    validated: Callable[[Path, Params], DataValidation],
 ) -> None:
     data = tmp_path / "toy"
     write_compositional(data, 800, seed=0)
@@ -66,7 +70,8 @@ def test_default_model_learns_a_label_that_needs_both_modalities(
         ],
     )
 
-    result = train(data, params, out_dir=tmp_path / "train", progress=False)
+    validation = validated(data, params)
+    result = train(data, params, tmp_path / "train", progress=False, validation=validation)
     report = evaluate_model(result.model_dir, data, params, tmp_path / "evaluate")
 
     assert report.classification.accuracy > 0.9

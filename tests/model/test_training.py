@@ -21,6 +21,7 @@ from mmops.training.history import CURVE_COLUMNS, HISTORY_CSV_FILE
 from mmops.training.progress import TrainProgress
 from mmops.training.steps import LossAccuracy
 from mmops.training.train import CHECKPOINT_FILE, HISTORY_FILE, MODEL_DIR, TrainResult, train
+from mmops.training.validation_gate import DataValidation
 
 # Wall-clock measurements: the only history entries that may differ between identical runs.
 TIMINGS = ("epoch_seconds", "train_samples_per_s")
@@ -122,16 +123,27 @@ def test_train_loss_decreases(trained_run: TrainResult) -> None:
 
 
 def test_same_seed_gives_identical_weights_and_history(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     params = load_params(None, tiny_overrides)
-    first = train(demo_dir, params, tmp_path, progress=False)
+    first = train(demo_dir, params, tmp_path, progress=False, validation=demo_validation)
     best = load_file(first.model_dir / WEIGHTS_FILE)
     final = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["model"]
 
     # Same folder without resume: the checkpoint left there must not be picked up either.
     tracker = StepTracker()
-    again = train(demo_dir, params, tmp_path, tracker=tracker, resume=False, progress=False)
+    again = train(
+        demo_dir,
+        params,
+        tmp_path,
+        tracker=tracker,
+        resume=False,
+        progress=False,
+        validation=demo_validation,
+    )
 
     assert tracker.steps == [1, 2]
     assert without_timings(again.history) == without_timings(first.history)
@@ -144,13 +156,22 @@ def test_same_seed_gives_identical_weights_and_history(
 
 
 def test_dataloader_workers_do_not_change_the_result(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     # The default trains with decoding worker processes; augmentation and shuffling are drawn
     # in the main process, so the workers must leave the result bit for bit the same.
-    inline = train(demo_dir, load_params(None, tiny_overrides), tmp_path / "0", progress=False)
+    inline = train(
+        demo_dir,
+        load_params(None, tiny_overrides),
+        tmp_path / "0",
+        progress=False,
+        validation=demo_validation,
+    )
     params = load_params(None, [*tiny_overrides, "train.num_workers=2"])
-    workers = train(demo_dir, params, tmp_path / "2", progress=False)
+    workers = train(demo_dir, params, tmp_path / "2", progress=False, validation=demo_validation)
 
     assert without_timings(workers.history) == without_timings(inline.history)
     expected = load_file(inline.model_dir / WEIGHTS_FILE)
@@ -159,14 +180,33 @@ def test_dataloader_workers_do_not_change_the_result(
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    demo_dir: Path, train_params: Params, trained_run: TrainResult, tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    train_params: Params,
+    trained_run: TrainResult,
+    tmp_path: Path,
 ) -> None:
     with pytest.raises(Interrupted):
-        train(demo_dir, train_params, tmp_path, tracker=StepTracker(stop_after=2), progress=False)
+        train(
+            demo_dir,
+            train_params,
+            tmp_path,
+            tracker=StepTracker(stop_after=2),
+            progress=False,
+            validation=demo_validation,
+        )
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["state"]["epoch"] == 2
     tracker = StepTracker()
 
-    resumed = train(demo_dir, train_params, tmp_path, tracker=tracker, resume=True, progress=False)
+    resumed = train(
+        demo_dir,
+        train_params,
+        tmp_path,
+        tracker=tracker,
+        resume=True,
+        progress=False,
+        validation=demo_validation,
+    )
 
     assert tracker.steps == [3, 4]  # it resumed, rather than started over
     assert resumed.epochs_run == trained_run.epochs_run
@@ -190,7 +230,10 @@ def frozen_params(tiny_overrides: tuple[str, ...]) -> Params:
 
 @pytest.fixture(scope="module")
 def early_stopped(
-    demo_dir: Path, frozen_params: Params, tmp_path_factory: pytest.TempPathFactory
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    frozen_params: Params,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> TrainResult:
     out = tmp_path_factory.mktemp("early_stopped")
     # Val scores that never improve on the first epoch's, above chance: patience runs out after
@@ -198,13 +241,13 @@ def early_stopped(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "chance_floor", lambda labels: 0.0)
         patch.setattr(train_module, "evaluate_loss", lambda *args: LossAccuracy(1.0, 0.5))
-        return train(demo_dir, frozen_params, out, progress=False)
+        return train(demo_dir, frozen_params, out, progress=False, validation=demo_validation)
 
 
 def test_a_model_at_chance_is_waited_out_not_stopped(
-    demo_dir: Path, frozen_params: Params, tmp_path: Path
+    demo_dir: Path, demo_validation: DataValidation, frozen_params: Params, tmp_path: Path
 ) -> None:
-    result = train(demo_dir, frozen_params, tmp_path, progress=False)
+    result = train(demo_dir, frozen_params, tmp_path, progress=False, validation=demo_validation)
 
     assert not result.stopped_early
     assert result.epochs_run == frozen_params.train.epochs
@@ -222,12 +265,18 @@ def test_early_stopping_when_val_accuracy_cannot_improve(
 
 
 def test_resuming_an_early_stopped_run_trains_no_further(
-    demo_dir: Path, frozen_params: Params, early_stopped: TrainResult, tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    frozen_params: Params,
+    early_stopped: TrainResult,
+    tmp_path: Path,
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(early_stopped.model_dir.parent, out)
 
-    again = train(demo_dir, frozen_params, out, resume=True, progress=False)
+    again = train(
+        demo_dir, frozen_params, out, resume=True, progress=False, validation=demo_validation
+    )
 
     assert again.epochs_run == early_stopped.epochs_run
     assert again.history == early_stopped.history
@@ -266,15 +315,22 @@ import sys
 
 from mmops.config import load_params
 from mmops.training.train import train
+from mmops.training.validation_gate import require_validation
 
-data_dir, out_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-train(data_dir, load_params(None, overrides), out_dir=out_dir, progress=False)
+data_dir, out_dir, report = sys.argv[1], sys.argv[2], sys.argv[4]
+params = load_params(None, json.loads(sys.argv[3]))
+# Each process checks the data it trains on against the report, as `mmops train` does.
+validation = require_validation(data_dir, report)
+train(data_dir, params, out_dir=out_dir, progress=False, validation=validation)
 """
 
 
 @pytest.mark.slow
 def test_distributed_training_on_two_cpu_processes(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -286,6 +342,7 @@ def test_distributed_training_on_two_cpu_processes(
         str(demo_dir),
         str(out),
         json.dumps(overrides),
+        demo_validation.report,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -300,7 +357,10 @@ def test_distributed_training_on_two_cpu_processes(
 
 @pytest.mark.slow
 def test_torchrun_mmops_train_tracks_one_run_from_rank_zero(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path: Path
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path: Path,
 ) -> None:
     """The README's `torchrun ... mmops train`: every rank trains, only rank 0 talks to MLflow."""
     from mlflow.tracking import MlflowClient
@@ -317,6 +377,8 @@ def test_torchrun_mmops_train_tracks_one_run_from_rank_zero(
         str(demo_dir),
         "--out",
         str(tmp_path / "out"),
+        "--validation-report",
+        demo_validation.report,
         "--json",
         *sets,
     ]
