@@ -103,11 +103,17 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
 def gate_and_promote(
     name: str, version: str, data_dir: str, params: Params, evaluation: EvaluationReport
 ) -> tuple[Verdict, bool]:
-    """The gate, against the champion and the baseline the evaluate stage fitted; one flow
-    run at a time per model, across hosts."""
+    """The gate, against the champion and the baselines the evaluate stage measured (classical
+    and, with a dual encoder, zero-shot); one flow run at a time per model, across hosts."""
     with promotion_slot(name):
         return registry.gate_and_promote(
-            name, version, data_dir, params, "retrain flow: gate passed", evaluation.baseline
+            name,
+            version,
+            data_dir,
+            params,
+            "retrain flow: gate passed",
+            evaluation.baseline,
+            evaluation.zero_shot,
         )
 
 

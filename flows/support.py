@@ -14,7 +14,7 @@ from typing import Any
 from mmops.data.validate import DatasetRejected
 from mmops.environment import mlflow_client, tracking_uri
 from mmops.evaluation.records import EvaluationReport
-from mmops.evaluation.report import baseline_section, underfit_section
+from mmops.evaluation.report import baseline_section, underfit_section, zero_shot_section
 from mmops.local.stack import DEFAULT_MLFLOW_PORT, LOOPBACK
 from mmops.tracking.gate import Verdict
 from mmops.training.validation_gate import UnvalidatedDataError
@@ -87,7 +87,7 @@ class RetrainResult:
     def to_dict(self) -> dict[str, Any]:
         """What `mmops retrain --json` prints."""
         quality, baseline = self.evaluation.classification, self.evaluation.baseline
-        underfit = self.evaluation.underfit
+        underfit, zero_shot = self.evaluation.underfit, self.evaluation.zero_shot
         return {
             "model": self.model,
             "version": self.version,
@@ -103,6 +103,7 @@ class RetrainResult:
             "macro_f1": quality.macro_f1,
             "baseline": baseline.to_dict() if baseline else None,
             "underfit": underfit.to_dict() if underfit else None,
+            "zero_shot": zero_shot.to_dict() if zero_shot else None,
             "serving": self.serving,
             "champion": self.champion,
         }
@@ -133,6 +134,7 @@ def summary_markdown(result: RetrainResult) -> str:
         f"| text only | {ablation.text_only:.4f} |",
         *underfit_section(result.evaluation.underfit),
         *baseline_section(result.evaluation.baseline, quality),
+        *zero_shot_section(result.evaluation.zero_shot, quality),
         "",
         "## Challenger versus champion",
         "",

@@ -56,12 +56,20 @@ def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
     """The user's mistake behind `exc`, given the command's parameters; None for a bug."""
     if isinstance(exc, UserError):
         return exc
+    if _raised(exc, "mmops.evaluation.zero_shot.NotADualEncoder"):
+        return UserError(str(exc), "give a CLIP or SigLIP checkpoint: a hub name or a folder")
     if isinstance(exc, ConfigError):
         return UserError(
             str(exc), "params.yaml lists every key with its default; --set takes section.key=value"
         )
     if _raised(exc, "mmops.data.dataset.DatasetError"):
         return UserError(str(exc), DATASET_HINT)
+    if _raised(exc, "mmops.model.backbones.PretrainedUnavailable"):
+        return UserError(
+            str(exc),
+            "a hub name needs the hub, or a cached copy with HF_HUB_OFFLINE=1; a folder needs "
+            "the files save_pretrained writes",
+        )
     if _raised(exc, "mmops.training.checkpoint.CheckpointError"):
         return UserError(str(exc), "delete the checkpoint, or train without --resume")
     if _raised(exc, "mmops.tracking.registry.RegistryError"):

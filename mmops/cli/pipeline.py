@@ -1,4 +1,4 @@
-"""Commands of the model pipeline: tune, train, evaluate, export and predict."""
+"""Commands of the model pipeline: tune, train, evaluate, zero-shot, export and predict."""
 
 from __future__ import annotations
 
@@ -216,6 +216,43 @@ def evaluate(
         say(f"underfit: {report.underfit.hint}")
     if as_json:
         typer.echo(json.dumps({"run_id": run_id, **flat}))
+
+
+@command()
+def zero_shot(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory (labels, test split)")],
+    model: Annotated[
+        str, typer.Option("--model", help="dual-encoder checkpoint (CLIP, SigLIP): folder or hub")
+    ],
+    params_file: ParamsOption = None,
+    overrides: SetOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of the model (model/) and its report (default: zero_shot.out_dir)"
+        ),
+    ] = None,
+    metrics: MetricsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify from label prompts with a dual encoder: save it as a model, evaluate it."""
+    from mmops.evaluation.evaluate import ZERO_SHOT_MODEL, evaluate_zero_shot
+    from mmops.evaluation.metrics import flat_metrics
+
+    params = load_command_params(params_file, overrides)
+    out_dir = out or Path(params.zero_shot.out_dir)
+    report = evaluate_zero_shot(data, model, params, out_dir)
+    flat = flat_metrics(report)
+    if metrics is not None:
+        write_json(metrics, flat)
+    quality, baseline = report.classification, report.baseline
+    against = f"; {baseline.kind} baseline {baseline.test_accuracy:.4f}" if baseline else ""
+    say(
+        f"zero-shot test accuracy {quality.accuracy:.4f}, macro-F1 {quality.macro_f1:.4f}"
+        f"{against}; model {out_dir / ZERO_SHOT_MODEL}"
+    )
+    if as_json:
+        typer.echo(json.dumps({"model_dir": str(out_dir / ZERO_SHOT_MODEL), **flat}))
 
 
 @command()

@@ -2,7 +2,10 @@
 
 from mmops.config.errors import ConfigError
 from mmops.config.learning import (
+    FREEZE_POLICIES,
     FUSIONS,
+    FinetuneConfig,
+    LoraConfig,
     ModelConfig,
     SearchConfig,
     TextConfig,
@@ -35,11 +38,13 @@ from mmops.config.sections import (
     StreamConfig,
     TrackingConfig,
     ValidateConfig,
+    ZeroShotConfig,
 )
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_PARAMS_FILE",
+    "FREEZE_POLICIES",
     "FUSIONS",
     "IMAGE_FORMATS",
     "BaselineConfig",
@@ -48,8 +53,10 @@ __all__ = [
     "DemoDataConfig",
     "EvaluateConfig",
     "ExportConfig",
+    "FinetuneConfig",
     "GateConfig",
     "ImageLimits",
+    "LoraConfig",
     "ModelConfig",
     "Params",
     "PredictConfig",
@@ -63,6 +70,7 @@ __all__ = [
     "TrainConfig",
     "ValidateConfig",
     "VisionConfig",
+    "ZeroShotConfig",
     "apply_override",
     "from_mapping",
     "load_params",

@@ -8,7 +8,7 @@ from typing import Any
 from mmops.config.errors import ConfigError
 
 # How the two modalities meet: mmops.model.classifier.MultimodalClassifier.
-FUSIONS = ("product", "concat", "late", "cross_attention")
+FUSIONS = ("product", "concat", "late", "cross_attention", "zero_shot")
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,14 @@ class TextConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     fusion: str = "product"
+    # Pixels a side; a pretrained vision checkpoint's image processor sets its own instead.
     image_size: int = 64
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    # A local save_pretrained folder or a hub name; the text one brings its own tokenizer.
+    # A dual-encoder checkpoint (CLIP, SigLIP: anything AutoModel loads with vision_model and
+    # text_model towers), hub name or folder: both towers, its tokenizer and its image processor.
+    pretrained: str | None = None
+    # Or one checkpoint per tower; the text one brings its own tokenizer.
     vision_pretrained: str | None = None
     text_pretrained: str | None = None
     # For the tokenizer trained on the dataset's texts when no pretrained text model is given.
@@ -81,6 +85,11 @@ class ModelConfig:
     modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.pretrained and (self.vision_pretrained or self.text_pretrained):
+            raise ConfigError(
+                "model.pretrained names both towers: leave model.vision_pretrained and "
+                "model.text_pretrained null with it"
+            )
         fusions = FUSIONS
         if self.fusion not in fusions:
             raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {fusions}")
@@ -132,6 +141,81 @@ class SearchConfig:
                 )
 
 
+# What of a pretrained backbone trains: train.finetune.freeze (mmops.training.finetune).
+FREEZE_POLICIES = ("none", "all", "last_n")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (peft) on the pretrained backbones' attention, whose weights stay fixed."""
+
+    enabled: bool = False
+    r: int = 8  # rank of each adapter
+    alpha: int = 16  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    # Module names to adapt, matched at the end of each module's path; null: the attention
+    # query and value projections, found by name (query/value in BERT, q_proj/v_proj in ViT,
+    # CLIP and SigLIP).
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"train.finetune.lora.r: must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"train.finetune.lora.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"train.finetune.lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and (
+            not self.target_modules or not all(self.target_modules)
+        ):
+            raise ConfigError(
+                "train.finetune.lora.target_modules: a non-empty list of module names, or null "
+                f"for the attention query and value projections; got {list(self.target_modules)}"
+            )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How pretrained backbones train; encoders built from scratch always train at train.lr."""
+
+    # none: every weight trains; all: the backbones are frozen, only the head trains; last_n:
+    # the embeddings and all but the last `trainable_blocks` transformer blocks are frozen.
+    freeze: str = "none"
+    trainable_blocks: int = 2
+    # null: train.lr / 10, so pretrained weights move less than the freshly initialised head.
+    backbone_lr: float | None = None
+    # The learning rate shrinks by this factor per block down from the top block (which trains
+    # at backbone_lr); the embeddings get the lowest. 1.0: one rate for the whole backbone.
+    layer_decay: float = 1.0
+    # Recompute block activations in the backward pass: less memory, about a third more time.
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.freeze not in FREEZE_POLICIES:
+            raise ConfigError(
+                f"train.finetune.freeze: {self.freeze!r} is not one of {FREEZE_POLICIES}"
+            )
+        if self.trainable_blocks < 1:
+            raise ConfigError(
+                f"train.finetune.trainable_blocks: must be >= 1, got {self.trainable_blocks}"
+            )
+        if self.backbone_lr is not None and self.backbone_lr <= 0:
+            raise ConfigError(
+                f"train.finetune.backbone_lr: must be > 0 (null: train.lr / 10; freeze: all "
+                f"to keep the backbone fixed), got {self.backbone_lr}"
+            )
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(
+                f"train.finetune.layer_decay: must be in (0, 1] (1.0: off), got {self.layer_decay}"
+            )
+        if self.lora.enabled and self.freeze != "none":
+            raise ConfigError(
+                f"train.finetune.freeze: must be none with train.finetune.lora.enabled, got "
+                f"{self.freeze!r}: LoRA itself freezes the backbone and trains only its adapters"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
@@ -159,6 +243,7 @@ class TrainConfig:
     out_dir: str = "models/train"
     # The validation report (`mmops validate --out`) whose data version training must match.
     validation_report: str = "reports/validate/validation.json"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

@@ -115,6 +115,25 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """A dual encoder classifying from label prompts (`mmops zero-shot`; the gate's floor)."""
+
+    # A label's embedding: the mean of its prompts' normalised text embeddings, normalised.
+    # `{label}` stands for the label, `_` read as a space.
+    templates: tuple[str, ...] = ("a photo of a {label}.", "{label}")
+    out_dir: str = "models/zero_shot"  # the model folder (model/) and its evaluation
+
+    def __post_init__(self) -> None:
+        if not self.templates:
+            raise ConfigError("zero_shot.templates: give at least one, e.g. 'a {label}.'")
+        for i, template in enumerate(self.templates):
+            if "{label}" not in template:
+                raise ConfigError(
+                    f"zero_shot.templates[{i}]: {template!r} does not contain {{label}}"
+                )
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """ONNX export, INT8 quantization and the parity gate the INT8 model must pass to serve."""
 
@@ -251,6 +270,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)

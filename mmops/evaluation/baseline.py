@@ -28,6 +28,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from mmops.config import BaselineConfig, Params
 from mmops.data.dataset import load_splits, split_rows
 from mmops.evaluation.records import BaselineResult, Underfit
+from mmops.model.image_processing import ImageSpec
 from mmops.model.preprocess import open_image
 from mmops.training.history import CURVE_COLUMNS, HISTORY_FILE
 from mmops.training.progress import chance_noise
@@ -97,8 +98,10 @@ def baseline_inputs(rows: pd.DataFrame, data_dir: Path | str, image_size: int) -
     pixels = np.zeros((len(rows), image_size * image_size * 3), dtype=np.float32)
     for i, source in enumerate(rows["image"]):
         if isinstance(source, str):
-            # BOX: each feature pixel is the mean of the block it covers.
-            small = open_image(root / source).resize((image_size, image_size), Image.Resampling.BOX)
+            # BOX: each feature pixel is the mean of the block it covers (of a big JPEG
+            # decoded at reduced size, as the model's input is).
+            image = open_image(root / source, spec=ImageSpec.default(image_size))
+            small = image.resize((image_size, image_size), Image.Resampling.BOX)
             pixels[i] = np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
     texts = [t if isinstance(t, str) else "" for t in rows[TEXT]]
     frame = pd.DataFrame(pixels, columns=pixel_columns(image_size))

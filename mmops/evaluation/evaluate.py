@@ -20,10 +20,19 @@ from mmops.evaluation.metrics import (
 )
 from mmops.evaluation.perturb import blur, gaussian_noise, typos
 from mmops.evaluation.predictions import Predictions, predict_dataset
-from mmops.evaluation.records import Ablation, EvaluationReport, Perturbation, Underfit
+from mmops.evaluation.records import (
+    Ablation,
+    EvaluationReport,
+    Perturbation,
+    Underfit,
+    ZeroShotResult,
+)
 from mmops.evaluation.report import write_evaluation
+from mmops.evaluation.zero_shot import build_zero_shot, dataset_labels, zero_shot_floor
 from mmops.model.preprocess import ImageTransform, MultimodalDataset, TextTransform
 from mmops.serving.predictor import Predictor
+
+ZERO_SHOT_MODEL = "model"  # the zero-shot model's folder in its evaluation's
 
 
 def evaluate_model(
@@ -35,11 +44,10 @@ def evaluate_model(
 ) -> EvaluationReport:
     """Evaluate a saved model on the test split; write metrics.json, report.md, plots and data.
 
-    Beside it, the classical baseline fitted on the same splits; a model no better than the
-    majority class is reported as underfit, with its training curve.
-
-    `backend` picks what runs: the torch model by default, or an exported ONNX model.
-    """
+    Beside it, the classical baseline fitted on the same splits and, with a dual encoder in
+    `model.pretrained`, its zero-shot accuracy; a model no better than the majority class is
+    reported as underfit, with its training curve. `backend` picks what runs: the torch model
+    by default, or an exported ONNX model."""
     cfg = params.evaluate
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +55,7 @@ def evaluate_model(
     labels = predictor.loaded.labels
     test = split_rows(load_splits(data_dir, params), "test", data_dir, needed_by="evaluation")
     label_index = {label: i for i, label in enumerate(labels)}
-    size = predictor.loaded.model.config.image_size
+    spec = predictor.image_spec
 
     def run(
         rows: pd.DataFrame = test,
@@ -55,7 +63,7 @@ def evaluate_model(
         text_transform: TextTransform | None = None,
     ) -> Predictions:
         dataset = MultimodalDataset(
-            data_dir, rows, label_index, size, image_transform, text_transform
+            data_dir, rows, label_index, spec, image_transform, text_transform
         )
         return predict_dataset(predictor, dataset, cfg.batch_size)
 
@@ -77,15 +85,38 @@ def evaluate_model(
         retrieval=retrieval_recall(base) if predictor.loaded.meta.get("contrastive") else None,
         efficiency=efficiency(
             predictor,
-            MultimodalDataset(data_dir, test, label_index, size),
+            MultimodalDataset(data_dir, test, label_index, spec),
             cfg.latency_batch_sizes,
             cfg.latency_repeats,
         ),
         baseline=fit_baseline(data_dir, params),
         underfit=_underfit(model_dir, test, quality.accuracy),
+        zero_shot=_zero_shot_floor(predictor, data_dir, params),
     )
     write_evaluation(out, report, labels, test, base)
     return report
+
+
+def evaluate_zero_shot(
+    data_dir: Path | str, checkpoint: str, params: Params, out_dir: Path | str | None = None
+) -> EvaluationReport:
+    """Save the zero-shot classifier of the dual encoder `checkpoint` over the dataset's labels
+    to `out_dir`/model (ZERO_SHOT_MODEL) and evaluate it there like any model."""
+    out = Path(out_dir or params.zero_shot.out_dir)
+    labels = dataset_labels(load_splits(data_dir, params))
+    model_dir = build_zero_shot(
+        checkpoint, labels, params, out / ZERO_SHOT_MODEL, key="zero-shot checkpoint"
+    )
+    return evaluate_model(model_dir, data_dir, params, out)
+
+
+def _zero_shot_floor(
+    predictor: Predictor, data_dir: Path | str, params: Params
+) -> ZeroShotResult | None:
+    # A zero-shot model is that floor itself.
+    if predictor.loaded.model.config.fusion == "zero_shot":
+        return None
+    return zero_shot_floor(data_dir, params)
 
 
 def _underfit(model_dir: Path | str, test: pd.DataFrame, accuracy: float) -> Underfit | None:

@@ -117,6 +117,22 @@ class BaselineResult:
 
 
 @dataclass(frozen=True)
+class ZeroShotResult:
+    """A dual encoder classifying the test split from label prompts alone: the floor a model
+    trained from it must beat (mmops.evaluation.zero_shot)."""
+
+    checkpoint: str
+    test_accuracy: float
+    test_macro_f1: float
+    labels: int
+    templates: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "templates": list(self.templates)}
+
+
+@dataclass(frozen=True)
 class Underfit:
     """A model no better than always answering the test split's most common class."""
 
@@ -147,6 +163,7 @@ class EvaluationReport:
     retrieval: dict[str, float] | None = None  # when the model was trained contrastively
     baseline: BaselineResult | None = None  # the classical model on the same splits
     underfit: Underfit | None = None  # when the model is no better than chance
+    zero_shot: ZeroShotResult | None = None  # the dual encoder's own, with model.pretrained
 
     def to_dict(self) -> dict[str, Any]:
         """metrics.json: the classification figures at the top level, then each section."""
@@ -167,4 +184,7 @@ class EvaluationReport:
             out["baseline"] = {**self.baseline.to_dict(), "gain": gain}
         if self.underfit is not None:
             out["underfit"] = self.underfit.to_dict()
+        if self.zero_shot is not None:
+            gain = self.classification.accuracy - self.zero_shot.test_accuracy
+            out["zero_shot"] = {**self.zero_shot.to_dict(), "gain": gain}
         return out

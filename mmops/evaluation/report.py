@@ -16,6 +16,7 @@ from mmops.evaluation.records import (
     ClassificationMetrics,
     EvaluationReport,
     Underfit,
+    ZeroShotResult,
 )
 
 METRICS_FILE = "metrics.json"
@@ -112,12 +113,13 @@ def plot_reliability(calib: Calibration, path: Path) -> None:
 
 
 def render_report(report: EvaluationReport, labels: list[str]) -> str:
-    """report.md: quality, underfit, baseline, ablation, robustness, groups, calibration,
-    retrieval, efficiency."""
+    """report.md: quality, underfit, baseline, zero-shot, ablation, robustness, groups,
+    calibration, retrieval, efficiency."""
     lines = [
         *_quality_section(report, labels),
         *underfit_section(report.underfit),
         *baseline_section(report.baseline, report.classification),
+        *zero_shot_section(report.zero_shot, report.classification),
         *_robustness_section(report),
         *_groups_section(report),
         *_calibration_section(report),
@@ -194,6 +196,28 @@ def baseline_section(baseline: BaselineResult | None, quality: ClassificationMet
         "The baseline is scikit-learn on downsampled pixels and a bag of words, fitted on "
         f"{baseline.train_examples} train examples ({baseline.n_features} features) in "
         f"{baseline.seconds:.1f} s and chosen on val accuracy ({candidates}).",
+    ]
+
+
+def zero_shot_section(
+    zero_shot: ZeroShotResult | None, quality: ClassificationMetrics
+) -> list[str]:
+    """The dual encoder's own zero-shot accuracy on the same test split, and the gain over it."""
+    if zero_shot is None:
+        return []
+    templates = ", ".join(f"`{t}`" for t in zero_shot.templates)
+    return [
+        "",
+        "## Zero-shot",
+        "",
+        "| model | test accuracy | test macro-F1 |",
+        "|---|---|---|",
+        f"| this model | {quality.accuracy:.4f} | {quality.macro_f1:.4f} |",
+        f"| zero-shot | {zero_shot.test_accuracy:.4f} | {zero_shot.test_macro_f1:.4f} |",
+        "",
+        f"Gain over zero-shot: **{quality.accuracy - zero_shot.test_accuracy:+.4f}**. Zero-shot "
+        f"is `{zero_shot.checkpoint}` matching each image with prompts for its "
+        f"{zero_shot.labels} labels ({templates}), in {zero_shot.seconds:.1f} s.",
     ]
 
 

@@ -59,7 +59,7 @@ def export_model(
     label_index = {label: i for i, label in enumerate(loaded.labels)}
 
     def dataset(rows: pd.DataFrame) -> MultimodalDataset:
-        return MultimodalDataset(data_dir, rows, label_index, loaded.model.config.image_size)
+        return MultimodalDataset(data_dir, rows, label_index, reference.image_spec)
 
     def batched(data: MultimodalDataset) -> list[dict[str, torch.Tensor]]:
         # Decoded once: every backend sees the same tensors.

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmops.config import ModelConfig, VisionConfig
+from mmops.config import ConfigError, ModelConfig, VisionConfig
+from mmops.model.backbones import TowerOutput, from_pretrained, load_dual
 from mmops.model.encoders import ConvEncoder, EmbeddingEncoder
 
 
@@ -52,7 +53,14 @@ class MultimodalClassifier(nn.Module):
         self.missing_text = nn.Parameter(torch.zeros(1, 1, text_width))
         self.image_proj = nn.Linear(vision_width, d)
         self.text_proj = nn.Linear(text_width, d)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # A pretrained tower's summary is its checkpoint's embedding, of its own width, with
+        # its own stand-in for an absent modality; other encoders summarise in token 0.
+        self.image_summary, self.missing_image_summary = _summary_head(vision, d)
+        self.text_summary, self.missing_text_summary = _summary_head(text, d)
+        scale = getattr(vision, "logit_scale_init", None)
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1 / 0.07)) if scale is None else scale.clone()
+        )
         if config.fusion == "cross_attention":
             layer = nn.TransformerDecoderLayer(
                 d, config.fusion_heads, 4 * d, config.dropout, batch_first=True, norm_first=True
@@ -67,13 +75,16 @@ class MultimodalClassifier(nn.Module):
         else:
             self.fusion = None
             head_in = 2 * d if config.fusion == "concat" else 3 * d
-        self.head = nn.Sequential(
-            nn.LayerNorm(head_in),
-            nn.Linear(head_in, d),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(d, num_labels),
-        )
+        if config.fusion == "zero_shot":
+            self.head = _zero_shot_head(vision, num_labels)
+        else:
+            self.head = nn.Sequential(
+                nn.LayerNorm(head_in),
+                nn.Linear(head_in, d),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(d, num_labels),
+            )
 
     def forward(
         self,
@@ -85,16 +96,29 @@ class MultimodalClassifier(nn.Module):
     ) -> ModelOutput:
         if self.training and self.config.modality_dropout > 0:
             image_present, text_present = self._drop_modalities(image_present, text_present)
-        image_tokens = _tokens(self.vision(pixel_values=pixel_values))
-        text_tokens = _tokens(self.text(input_ids=input_ids, attention_mask=attention_mask))
+        image_tokens, image_summary = _encode(self.vision(pixel_values=pixel_values))
+        if self.config.fusion == "zero_shot":
+            return self._zero_shot(image_summary, image_present)
+        text_output = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        text_tokens, text_summary = _encode(text_output)
         image_tokens = torch.where(
             image_present[:, None, None], image_tokens, self.missing_image.to(image_tokens.dtype)
         )
         text_tokens = torch.where(
             text_present[:, None, None], text_tokens, self.missing_text.to(text_tokens.dtype)
         )
-        image_pooled = self.image_proj(image_tokens[:, 0])
-        text_pooled = self.text_proj(text_tokens[:, 0])
+        image_pooled = _pooled(
+            image_tokens,
+            image_summary,
+            image_present,
+            (self.image_proj, self.image_summary, self.missing_image_summary),
+        )
+        text_pooled = _pooled(
+            text_tokens,
+            text_summary,
+            text_present,
+            (self.text_proj, self.text_summary, self.missing_text_summary),
+        )
         image_embeds = F.normalize(image_pooled, dim=-1)
         text_embeds = F.normalize(text_pooled, dim=-1)
         if self.config.fusion == "cross_attention":
@@ -111,6 +135,15 @@ class MultimodalClassifier(nn.Module):
         else:
             fused = torch.cat([image_embeds, text_embeds, image_embeds * text_embeds], dim=-1)
         return ModelOutput(self.head(fused), image_embeds, text_embeds, self.logit_scale.exp())
+
+    def _zero_shot(self, summary: torch.Tensor, present: torch.Tensor) -> ModelOutput:
+        """Cosine similarity of the checkpoint's image embedding with each label's prompt
+        embedding (the head's rows, scaled): the image alone, as the checkpoint was trained."""
+        missing = self.missing_image_summary
+        assert missing is not None  # _zero_shot_head refused encoders without a summary
+        summary = torch.where(present[:, None], summary, missing.to(summary.dtype))
+        embeds = F.normalize(summary, dim=-1)
+        return ModelOutput(self.head(embeds), embeds, embeds, self.logit_scale.exp())
 
     def _drop_modalities(
         self, image_present: torch.Tensor, text_present: torch.Tensor
@@ -135,15 +168,17 @@ def contrastive_loss(output: ModelOutput, pair_mask: torch.Tensor) -> torch.Tens
 
 
 def build_encoders(config: ModelConfig, vocab_size: int) -> tuple[nn.Module, nn.Module]:
-    """Vision and text encoders: pretrained where the config names one, else built from config."""
-    from transformers import AutoModel
-
+    """Vision and text encoders: both towers of `model.pretrained` (a dual encoder, read once),
+    else each pretrained where the config names one, else built from config."""
+    if config.pretrained:
+        vision_tower, text_tower, _ = load_dual(config.pretrained)
+        return vision_tower, text_tower
     if config.vision_pretrained:
-        vision = AutoModel.from_pretrained(config.vision_pretrained)
+        vision = from_pretrained("model.vision_pretrained", config.vision_pretrained)
     else:
         vision = build_vision(config)
     if config.text_pretrained:
-        text = AutoModel.from_pretrained(config.text_pretrained)
+        text = from_pretrained("model.text_pretrained", config.text_pretrained)
     else:
         text = build_text(config, vocab_size)
     return vision_part(vision), text_part(text)
@@ -203,9 +238,44 @@ def is_transformers(encoder: nn.Module) -> bool:
     return hasattr(encoder, "config") and hasattr(encoder.config, "to_dict")
 
 
-def _tokens(output: object) -> torch.Tensor:
+def _encode(output: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token states and, for a pretrained tower, its own summary."""
+    if isinstance(output, TowerOutput):
+        return output.tokens, output.summary
     # mmops encoders return the tokens; transformers models return them in an output record.
-    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+    tokens = output if isinstance(output, torch.Tensor) else output.last_hidden_state
+    return tokens, None
+
+
+def _pooled(
+    tokens: torch.Tensor,
+    summary: torch.Tensor | None,
+    present: torch.Tensor,
+    heads: tuple[nn.Module, nn.Module | None, nn.Parameter | None],
+) -> torch.Tensor:
+    """One modality's summary in the fusion's width: token 0, or the tower's own embedding."""
+    token_proj, summary_proj, missing = heads
+    if summary is None or summary_proj is None or missing is None:
+        return token_proj(tokens[:, 0])
+    summary = torch.where(present[:, None], summary, missing.to(summary.dtype))
+    return summary_proj(summary)
+
+
+def _zero_shot_head(vision: nn.Module, num_labels: int) -> nn.Linear:
+    width = getattr(vision, "summary_width", None)
+    if width is None:
+        raise ConfigError(
+            "model.fusion: zero_shot needs model.pretrained, a dual encoder (CLIP, SigLIP)"
+        )
+    # Rows: each label's prompt embedding times the checkpoint's scale (mmops.evaluation.zero_shot).
+    return nn.Linear(width, num_labels, bias=False)
+
+
+def _summary_head(encoder: nn.Module, width: int) -> tuple[nn.Module | None, nn.Parameter | None]:
+    summary_width = getattr(encoder, "summary_width", None)
+    if summary_width is None:
+        return None, None
+    return nn.Linear(summary_width, width), nn.Parameter(torch.zeros(1, summary_width))
 
 
 class ConvStem(nn.Module):

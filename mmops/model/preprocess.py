@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from mmops.config import IMAGE_FORMATS
+from mmops.model.image_processing import DRAFT_INFO, ImageSpec, as_spec
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -24,13 +24,17 @@ ImageTransform = Callable[[Image.Image], Image.Image]
 TextTransform = Callable[[str], str]
 
 
-def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+def open_image(
+    source: str | Path | bytes, max_pixels: int | None = None, spec: ImageSpec | None = None
+) -> Image.Image:
     """An RGB image from a path or encoded PNG or JPEG bytes, fully decoded.
 
     Only the formats validation accepts in a dataset are decoded (Pillow's other decoders never
     see the bytes); any other raises UnidentifiedImageError, an OSError. With `max_pixels`, the
     size is checked from the header first: a decompression bomb raises ValueError before any
-    pixel is decoded.
+    pixel is decoded. With the `spec` it is for, a JPEG of at least twice DRAFT_FACTOR times the
+    spec's resize a side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, keeping at
+    least DRAFT_FACTOR times the resize.
     """
     name = "" if isinstance(source, bytes) else f"{source}: "
     try:
@@ -50,19 +54,27 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
                 f"{image.width}x{image.height} is {image.width * image.height} pixels, "
                 f"over the limit of {max_pixels}"
             )
+        if spec is not None and image.format == "JPEG":
+            _draft(image, spec)
         image.load()
         return image.convert("RGB")
 
 
-def image_tensor(image: Image.Image | None, size: int) -> torch.Tensor:
-    """A (3, size, size) float tensor scaled to [-1, 1]; zeros stand in for a missing image."""
-    if image is None:
-        return torch.zeros(3, size, size)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    # In numpy: the same float32 arithmetic as torch's, without a dispatch per operation.
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5)
-    return torch.from_numpy(np.ascontiguousarray(pixels - np.float32(1.0)))
+def _draft(image: Image.Image, spec: ImageSpec) -> None:
+    want = spec.draft_size(image.width, image.height)
+    # libjpeg scales by 1/2, 1/4 or 1/8 only; below 2 nothing changes, so nothing is asked
+    # and a smaller JPEG decodes exactly as it always did.
+    if min(image.width // want[0], image.height // want[1]) >= 2:
+        source = image.size
+        drafted = image.draft("RGB", want)
+        if drafted is not None:
+            image.info[DRAFT_INFO] = (source, drafted[1], image.size)
+
+
+def image_tensor(image: Image.Image | None, spec: ImageSpec | int) -> torch.Tensor:
+    """The model's (3, H, W) float tensor of an RGB image by its spec (an int: the default spec
+    at that size, pixels to [-1, 1]); zeros stand in for a missing image."""
+    return as_spec(spec).tensor(image)
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class MultimodalDataset(Dataset):
         root: Path | str,
         frame: pd.DataFrame,
         label_index: dict[str, int],
-        image_size: int,
+        spec: ImageSpec | int,
         image_transform: ImageTransform | None = None,
         text_transform: TextTransform | None = None,
         max_pixels: int | None = None,
@@ -93,7 +105,7 @@ class MultimodalDataset(Dataset):
         self.texts = list(frame["text"])
         # Unknown labels (a class absent from training) map to -1 and count as errors.
         self.labels = [label_index.get(label, -1) for label in frame["label"]]
-        self.image_size = image_size
+        self.spec = as_spec(spec)
         self.image_transform = image_transform
         self.text_transform = text_transform
 
@@ -104,10 +116,12 @@ class MultimodalDataset(Dataset):
         pixels = None
         # isinstance, not "is not None": pandas may hold a missing value as NaN.
         if isinstance(self.images[index], str):
-            image = open_image(self.root / self.images[index], self.max_pixels)
+            # A transform (blur, noise) is defined on the file's own pixels: no reduced decode.
+            draft = self.spec if self.image_transform is None else None
+            image = open_image(self.root / self.images[index], self.max_pixels, draft)
             if self.image_transform is not None:
                 image = self.image_transform(image)
-            pixels = image_tensor(image, self.image_size)
+            pixels = self.spec.tensor(image)
         text = self.texts[index] if isinstance(self.texts[index], str) else None
         if text is not None and self.text_transform is not None:
             text = self.text_transform(text)
@@ -117,9 +131,9 @@ class MultimodalDataset(Dataset):
 class Collator:
     """Batches examples: stacked pixels, tokenized texts, modality masks and labels."""
 
-    def __init__(self, tokenizer: Any, image_size: int, max_text_length: int) -> None:
+    def __init__(self, tokenizer: Any, spec: ImageSpec | int, max_text_length: int) -> None:
         self.tokenizer = tokenizer
-        self.image_size = image_size
+        self.spec = as_spec(spec)
         self.max_text_length = max_text_length
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
@@ -130,7 +144,7 @@ class Collator:
             max_length=self.max_text_length,
             return_tensors="pt",
         )
-        blank = torch.zeros(3, self.image_size, self.image_size)
+        blank = self.spec.tensor(None)
         return {
             "pixel_values": torch.stack(
                 [e.pixels if e.pixels is not None else blank for e in examples]

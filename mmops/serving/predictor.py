@@ -58,10 +58,10 @@ class Predictor:
         self.config = config or PredictConfig()
         self.loaded = load_model(self.folder)
         self.labels = self.loaded.labels
-        model_config = self.loaded.model.config
-        self.image_size = model_config.image_size
+        # The checkpoint's resize, crop and normalisation, as in training.
+        self.image_spec = self.loaded.image_spec
         self.collate = Collator(
-            self.loaded.tokenizer, model_config.image_size, model_config.max_text_length
+            self.loaded.tokenizer, self.image_spec, self.loaded.model.config.max_text_length
         )
         self.export = _read_export(self.folder)
         self.runner = self._runner(backend)
@@ -166,7 +166,7 @@ class Predictor:
         pixels = None
         if source is not None:
             image = self._open(source, root)
-            pixels = image_tensor(image, self.image_size)
+            pixels = image_tensor(image, self.image_spec)
         if pixels is None and text is None:
             raise RecordError("image, text: the record has neither", "missing_field")
         return Example(pixels, text, -1)
@@ -188,7 +188,7 @@ class Predictor:
                 "image_too_large",
             )
         try:
-            return open_image(data, max_pixels=cfg.max_image_pixels)
+            return open_image(data, max_pixels=cfg.max_image_pixels, spec=self.image_spec)
         except ValueError as error:  # too many pixels, checked before decoding
             raise RecordError(f"image: {error}", "image_too_many_pixels") from None
         except (OSError, SyntaxError, EOFError) as error:

@@ -1,5 +1,5 @@
 """The evaluate stage tracked in MLflow: test metrics and the report on the model's run, and the
-classical baseline beside it."""
+classical baseline (and a dual encoder's zero-shot floor) beside it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 
 from mmops.config import BaselineConfig, Params
-from mmops.evaluation.records import BaselineResult, EvaluationReport
+from mmops.evaluation.records import BaselineResult, EvaluationReport, ZeroShotResult
 from mmops.serving.references import logged_model_id, resolve_model
 from mmops.tracking.runs import configure, standalone_run_name
 
@@ -31,8 +31,9 @@ def tracked_evaluate(
         folder, run_id = resolve_model(model_ref, Path(download))
         report = evaluate_model(folder, data_dir, params, out)
     name = None if run_id else standalone_run_name("evaluate", data_dir)
-    # The baseline's figures go under their own names (log_baseline).
-    metrics = {k: v for k, v in flat_metrics(report).items() if not k.startswith("baseline.")}
+    # The baselines' figures go under their own names (log_baseline, log_zero_shot).
+    own = ("baseline.", "zero_shot.")
+    metrics = {k: v for k, v in flat_metrics(report).items() if not k.startswith(own)}
     with mlflow.start_run(run_id=run_id, run_name=name) as run:
         # Linked to the evaluated logged model, so MLflow's Models view ranks models by them.
         model_id = logged_model_id(model_ref)
@@ -41,6 +42,8 @@ def tracked_evaluate(
             gain = report.classification.accuracy - report.baseline.test_accuracy
             mlflow.log_metrics({"test.baseline_gain": gain}, model_id=model_id)
             log_baseline(report.baseline, params.evaluate.baseline, model_id)
+        if report.zero_shot is not None:
+            log_zero_shot(report.zero_shot, report.classification.accuracy, model_id)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
         mlflow.set_tag("mmops.evaluated", "true")
         mlflow.set_tag("mmops.underfit", str(report.underfit is not None).lower())
@@ -78,6 +81,17 @@ def log_baseline(
             {"train_examples": baseline.train_examples, "fit_seconds": baseline.seconds}
         )
     return info.model_id
+
+
+def log_zero_shot(zero_shot: ZeroShotResult, accuracy: float, model_id: str | None = None) -> None:
+    """Log the zero-shot floor's figures, and the model's gain over it, to the active run."""
+    figures = {
+        "zero_shot_test_accuracy": zero_shot.test_accuracy,
+        "zero_shot_test_macro_f1": zero_shot.test_macro_f1,
+        "test.zero_shot_gain": accuracy - zero_shot.test_accuracy,
+    }
+    mlflow.log_metrics(figures, model_id=model_id)
+    mlflow.set_tag("zero_shot_checkpoint", zero_shot.checkpoint)
 
 
 def _untrusted_types(pipeline: Any) -> list[str]:

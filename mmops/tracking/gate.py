@@ -10,7 +10,7 @@ from scipy.stats import binomtest
 
 from mmops.config import GateConfig, Params
 from mmops.data.dataset import split_rows
-from mmops.evaluation.records import BaselineResult
+from mmops.evaluation.records import BaselineResult, ZeroShotResult
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Verdict:
     champion: Score | None
     p_value: float | None = None
     baseline: BaselineResult | None = None  # the classical model on the same test split
+    zero_shot: ZeroShotResult | None = None  # the dual encoder's zero-shot, with model.pretrained
 
     def table(self) -> str:
         """Challenger against champion (and the baseline), as a Markdown table."""
@@ -87,6 +88,13 @@ class Verdict:
                 f"| gain over baseline ({self.baseline.kind}, accuracy {base:.4f}) | "
                 f"{self.challenger.accuracy - base:+.4f} | {theirs} |"
             )
+        if self.zero_shot is not None:
+            base = self.zero_shot.test_accuracy
+            theirs = f"{champ.accuracy - base:+.4f}" if champ else "-"
+            lines.append(
+                f"| gain over zero-shot (accuracy {base:.4f}) | "
+                f"{self.challenger.accuracy - base:+.4f} | {theirs} |"
+            )
         return "\n".join(lines)
 
 
@@ -95,9 +103,10 @@ def gate(
     champion: Score | None,
     cfg: GateConfig,
     baseline: BaselineResult | None = None,
+    zero_shot: ZeroShotResult | None = None,
 ) -> Verdict:
-    """Floors for any model, a gain over the classical baseline; no regression (and optionally
-    a significant gain) over a champion."""
+    """Floors for any model, a gain over the better of the classical baseline and zero-shot; no
+    regression (and optionally a significant gain) over a champion."""
     reasons = []
     if challenger.accuracy < cfg.min_accuracy:
         reasons.append(f"accuracy {challenger.accuracy:.4f} < gate.min_accuracy {cfg.min_accuracy}")
@@ -109,14 +118,9 @@ def gate(
         reasons.append(
             f"latency {challenger.latency_ms:.1f} ms > gate.max_latency_ms {cfg.max_latency_ms}"
         )
-    if baseline is not None:
-        needed = baseline.test_accuracy + cfg.min_gain_over_baseline
-        if challenger.accuracy < needed:
-            reasons.append(
-                f"accuracy {challenger.accuracy:.4f} does not beat the {baseline.kind} baseline's "
-                f"{baseline.test_accuracy:.4f} by gate.min_gain_over_baseline "
-                f"{cfg.min_gain_over_baseline} (needs {needed:.4f})"
-            )
+    below = below_baseline(challenger.accuracy, cfg, baseline, zero_shot)
+    if below is not None:
+        reasons.append(below)
     p_value = None
     if champion is not None:
         drop = champion.accuracy - challenger.accuracy
@@ -140,7 +144,36 @@ def gate(
                 f"gain over champion not significant (McNemar p={p_value:.4f} >= "
                 f"gate.significance_level {cfg.significance_level})"
             )
-    return Verdict(not reasons, reasons, challenger, champion, p_value, baseline)
+    return Verdict(not reasons, reasons, challenger, champion, p_value, baseline, zero_shot)
+
+
+def below_baseline(
+    accuracy: float,
+    cfg: GateConfig,
+    baseline: BaselineResult | None,
+    zero_shot: ZeroShotResult | None,
+) -> str | None:
+    """Why `accuracy` falls short of the better baseline plus gate.min_gain_over_baseline, naming
+    that baseline and both figures; None when it does not (or there is no baseline)."""
+    floors = []
+    if baseline is not None:
+        floors.append((f"the {baseline.kind} baseline", baseline.test_accuracy))
+    if zero_shot is not None:
+        floors.append(("zero-shot", zero_shot.test_accuracy))
+    if not floors:
+        return None
+    name, floor = max(floors, key=lambda f: f[1])  # a tie names the classical baseline
+    needed = floor + cfg.min_gain_over_baseline
+    if accuracy >= needed:
+        return None
+    both = ""
+    if len(floors) > 1:
+        both = "; the better of " + " and ".join(f"{n} {a:.4f}" for n, a in floors)
+    owner = "the zero-shot baseline" if name == "zero-shot" else name
+    return (
+        f"accuracy {accuracy:.4f} does not beat {owner}'s {floor:.4f} by "
+        f"gate.min_gain_over_baseline {cfg.min_gain_over_baseline} (needs {needed:.4f}{both})"
+    )
 
 
 def mcnemar_p(ours: list[bool], theirs: list[bool]) -> float:

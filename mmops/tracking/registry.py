@@ -25,7 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from mmops.config import Params
 from mmops.environment import mlflow_client, tracking_uri
-from mmops.evaluation.records import BaselineResult, ClassificationMetrics
+from mmops.evaluation.records import BaselineResult, ClassificationMetrics, ZeroShotResult
 from mmops.export.records import ExportReport
 from mmops.tracking import history as champion_log
 from mmops.tracking.gate import Verdict, gate, score
@@ -98,25 +98,29 @@ def gate_and_promote(
     params: Params,
     reason: str,
     baseline: BaselineResult | None = None,
+    zero_shot: ZeroShotResult | None = None,
 ) -> tuple[Verdict, bool]:
-    """Gate `version` against the champion of the moment and the classical baseline, and
-    promote it if it passes.
+    """Gate `version` against the champion of the moment and the better of the classical
+    baseline and (with a dual encoder in `model.pretrained`) zero-shot, and promote it if it
+    passes.
 
-    `baseline` is the one the evaluate stage fitted on the same data and params; without it the
-    baseline is fitted here (deterministic, so the same figures).
+    `baseline` and `zero_shot` are the evaluate stage's, on the same data and params; without
+    a baseline both are measured here (deterministic, so the same figures).
     """
     if baseline is None:
         from mmops.evaluation.baseline import fit_baseline
+        from mmops.evaluation.zero_shot import zero_shot_floor
 
-        # Outside the lock: it depends on the data and params only, not on the registry.
+        # Outside the lock: they depend on the data and params only, not on the registry.
         baseline = fit_baseline(data_dir, params)
+        zero_shot = zero_shot_floor(data_dir, params)
     with _lock(name):
         current = champion_version(name)
         challenger = score(name, version, data_dir, params)
         champion = None
         if current is not None and current != version:
             champion = score(name, current, data_dir, params)
-        verdict = gate(challenger, champion, params.gate, baseline)
+        verdict = gate(challenger, champion, params.gate, baseline, zero_shot)
         _record_verdict(name, version, verdict)
         if verdict.passed:
             _move_champion(name, version, reason, action="promote")

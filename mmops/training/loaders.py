@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mmops.config import IMAGE_FORMATS, ImageLimits, ModelConfig, Params, TrainConfig
 from mmops.data.dataset import DatasetError, load_splits
 from mmops.data.images import is_unsafe_path
+from mmops.model.backbones import from_pretrained
+from mmops.model.image_processing import ImageSpec
 from mmops.model.preprocess import Collator, MultimodalDataset, train_tokenizer
 from mmops.training.runtime import Runtime
 
@@ -33,6 +35,7 @@ class TrainLoaders:
     val: DataLoader
     sampler: DistributedSampler  # the train loader's; `set_epoch` reshuffles it
     train_size: int  # examples in this process's train set
+    image_spec: ImageSpec  # how both preprocess images; the saved model keeps it
 
 
 def load_rows(data_dir: Path, params: Params) -> TrainRows:
@@ -96,27 +99,33 @@ def _image_problem(real_root: str, relpath: str, limits: ImageLimits) -> str | N
 
 def build_tokenizer(mcfg: ModelConfig, texts: pd.Series) -> Any:
     """The pretrained text model's tokenizer, or one trained on the train texts."""
-    if mcfg.text_pretrained:
+    if mcfg.pretrained or mcfg.text_pretrained:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(mcfg.text_pretrained)
+        key = "model.pretrained" if mcfg.pretrained else "model.text_pretrained"
+        name = mcfg.pretrained or mcfg.text_pretrained
+        return from_pretrained(key, name, AutoTokenizer.from_pretrained)
     return train_tokenizer(
         (t for t in texts if isinstance(t, str)), mcfg.vocab_size, mcfg.max_text_length
     )
 
 
 def build_loaders(
-    data_dir: Path, rows: TrainRows, tokenizer: Any, params: Params, runtime: Runtime
+    data_dir: Path,
+    rows: TrainRows,
+    tokenizer: Any,
+    params: Params,
+    runtime: Runtime,
+    spec: ImageSpec,
 ) -> TrainLoaders:
-    """A shuffling, sharded train loader and a plain val loader."""
+    """A shuffling, sharded train loader and a plain val loader, images preprocessed by `spec`
+    (`image_spec_for` the model)."""
     cfg, mcfg = params.train, params.model
     label_index = {label: i for i, label in enumerate(rows.labels)}
-    collate = Collator(tokenizer, mcfg.image_size, mcfg.max_text_length)
+    collate = Collator(tokenizer, spec, mcfg.max_text_length)
     limit = params.validate.image.max_pixels
-    train_set = MultimodalDataset(
-        data_dir, rows.train, label_index, mcfg.image_size, max_pixels=limit
-    )
-    val_set = MultimodalDataset(data_dir, rows.val, label_index, mcfg.image_size, max_pixels=limit)
+    train_set = MultimodalDataset(data_dir, rows.train, label_index, spec, max_pixels=limit)
+    val_set = MultimodalDataset(data_dir, rows.val, label_index, spec, max_pixels=limit)
     # A sampler even on one process: the shuffle order is then a function of (seed, epoch) only,
     # which is what makes a resumed run repeat an uninterrupted one.
     sampler = DistributedSampler(
@@ -127,6 +136,7 @@ def build_loaders(
         val=make_loader(val_set, cfg, collate, runtime, None),
         sampler=sampler,
         train_size=len(train_set),
+        image_spec=spec,
     )
 
 

@@ -1,24 +1,40 @@
-"""AdamW with decoupled decay on weight matrices, and a linear-warmup cosine schedule per step."""
+"""AdamW with decoupled decay on weight matrices, a learning rate per part of the model (head,
+pretrained backbone blocks), and a linear-warmup cosine schedule per step."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from mmops.config import TrainConfig
+from mmops.training.finetune import Backbone, lr_groups
 from mmops.training.runtime import Runtime
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, runtime: Runtime
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    runtime: Runtime,
+    backbones: Sequence[Backbone] = (),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer and its schedule over all `cfg.epochs`, stepped once per batch."""
+    """The optimizer and its schedule over all `cfg.epochs`, stepped once per batch.
+
+    The pretrained `backbones` train at their own rates (`train.finetune`); the schedule scales
+    every group's rate alike, so the head's group comes first and is the one logged as `lr`.
+    """
+    groups = [
+        {**group, "lr": lr}
+        for lr, params in lr_groups(model, backbones, cfg)
+        for group in param_groups(params, cfg.weight_decay)
+        if group["params"]
+    ]
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         fused=runtime.device.type == "cuda",
     )
@@ -29,11 +45,11 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed (matrices) and undecayed (vectors) groups."""
+def param_groups(params: Sequence[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Parameters split into decayed (matrices) and undecayed (vectors) groups."""
     # No decay on biases, norms and embeddings-like vectors: the usual AdamW practice.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ import torch
 
 from mmops.config import ModelConfig, Params, TrainConfig
 from mmops.model.classifier import MultimodalClassifier, build_encoders, count_parameters
+from mmops.model.image_processing import ImageSpec, image_spec_for
 from mmops.model.storage import save_model
 from mmops.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from mmops.training.finetune import Backbone, prepare_finetune
 from mmops.training.history import HISTORY_CSV_FILE, HISTORY_FILE, write_history
 from mmops.training.loaders import (
     TrainLoaders,
@@ -107,12 +109,13 @@ def _train(
     cfg = params.train
     # The model's initial weights are drawn from this seed.
     torch.manual_seed(cfg.seed)
+    params, spec = _with_image_spec(params)
     rows = load_rows(data_dir, params)
     tokenizer = build_tokenizer(params.model, rows.train["text"])
-    model = build_model(params.model, cfg, len(rows.labels), len(tokenizer), runtime)
-    loaders = build_loaders(data_dir, rows, tokenizer, params, runtime)
+    model, backbones = build_model(params.model, cfg, len(rows.labels), len(tokenizer), runtime)
+    loaders = build_loaders(data_dir, rows, tokenizer, params, runtime, spec)
     cfg = step_budget(cfg, len(loaders.train))
-    optimizer, scheduler = build_optimizer(model, cfg, len(loaders.train), runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, len(loaders.train), runtime, backbones)
 
     progress = TrainProgress(floor=chance_floor(loaders.val.dataset.labels))
     checkpoint = out / CHECKPOINT_FILE
@@ -155,15 +158,25 @@ def _train(
     return result
 
 
+def _with_image_spec(params: Params) -> tuple[Params, ImageSpec]:
+    """The params with the image size the model takes, and its image preprocessing: a
+    checkpoint's image processor sets both, not model.image_size."""
+    spec = image_spec_for(params.model)
+    return replace(params, model=replace(params.model, image_size=spec.image_size)), spec
+
+
 def build_model(
     mcfg: ModelConfig, cfg: TrainConfig, num_labels: int, vocab_size: int, runtime: Runtime
-) -> MultimodalClassifier:
-    """A freshly initialised classifier on the runtime's device."""
+) -> tuple[MultimodalClassifier, tuple[Backbone, ...]]:
+    """A freshly initialised classifier on the runtime's device, prepared for fine-tuning as
+    `train.finetune` says (frozen weights, LoRA adapters); and its pretrained backbones."""
     vision, text = build_encoders(mcfg, vocab_size=vocab_size)
-    model = MultimodalClassifier(mcfg, num_labels, vision, text).to(runtime.device)
+    model = MultimodalClassifier(mcfg, num_labels, vision, text)
+    backbones = prepare_finetune(model, mcfg, cfg.finetune)
+    model = model.to(runtime.device)
     # Without a contrastive term the temperature gets no gradient, which DDP would reject.
     model.logit_scale.requires_grad_(cfg.contrastive_weight > 0)
-    return model
+    return model, backbones
 
 
 def wrap_for_steps(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
@@ -247,7 +260,9 @@ def _end_epoch(run: _Run, metrics: dict[str, float]) -> None:
     )
     if improved:
         extra = {"contrastive": run.cfg.contrastive_weight > 0, "trained_epochs": epoch}
-        save_model(run.model, run.tokenizer, run.labels, run.out / MODEL_DIR, extra)
+        save_model(
+            run.model, run.tokenizer, run.labels, run.out / MODEL_DIR, extra, run.loaders.image_spec
+        )
     save_checkpoint(
         run.out / CHECKPOINT_FILE, run.model, run.optimizer, run.scheduler, run.progress
     )

@@ -84,7 +84,7 @@ def test_collator_masks_missing_modalities_and_pads(tokenizer) -> None:
         Example(pixels, None, 2),
     ]
 
-    batch = Collator(tokenizer, image_size=4, max_text_length=8)(examples)
+    batch = Collator(tokenizer, spec=4, max_text_length=8)(examples)
 
     assert batch["image_present"].tolist() == [True, False, True]
     assert batch["text_present"].tolist() == [True, True, False]
@@ -103,7 +103,7 @@ def test_collator_masks_missing_modalities_and_pads(tokenizer) -> None:
 def test_collator_truncates_to_max_text_length(tokenizer) -> None:
     long_text = " ".join(["what colour is the circle"] * 10)
 
-    batch = Collator(tokenizer, image_size=4, max_text_length=8)([Example(None, long_text, 0)])
+    batch = Collator(tokenizer, spec=4, max_text_length=8)([Example(None, long_text, 0)])
 
     assert batch["input_ids"].shape == (1, 8)
     assert batch["input_ids"][0, -1].item() == tokenizer.sep_token_id
@@ -152,7 +152,7 @@ def test_dataset_reads_rows_with_missing_modalities_and_unknown_labels(tmp_path:
     )
 
     dataset = MultimodalDataset(
-        tmp_path, frame, {"blue": 0, "red": 1}, image_size=8, text_transform=str.upper
+        tmp_path, frame, {"blue": 0, "red": 1}, spec=8, text_transform=str.upper
     )
 
     assert len(dataset) == 3
@@ -169,7 +169,7 @@ def test_dataset_applies_image_transform(tmp_path: Path) -> None:
     def invert(image: Image.Image) -> Image.Image:
         return Image.eval(image, lambda v: 255 - v)
 
-    dataset = MultimodalDataset(tmp_path, frame, {"k": 0}, image_size=8, image_transform=invert)
+    dataset = MultimodalDataset(tmp_path, frame, {"k": 0}, spec=8, image_transform=invert)
 
     assert torch.equal(dataset[0].pixels, torch.ones(3, 8, 8))
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmops.config import ConfigError, PredictConfig, load_params
 from mmops.local.stack import StackError, loopback_port
+from mmops.model.image_processing import ImageSpec
 from mmops.serving.predictor import Predictor
 from mmops.serving.references import ModelIdentity
 from mmops.serving.runners import Outputs
@@ -151,7 +152,7 @@ def bare_predictor() -> Predictor:
     """The real Predictor's record handling, with a stand-in for the model run."""
     predictor = Predictor.__new__(Predictor)
     predictor.config = PredictConfig()
-    predictor.image_size = 8
+    predictor.image_spec = ImageSpec.default(8)
     predictor.labels = ["red", "blue"]
     predictor.identity = ModelIdentity("m", "1")
 
@@ -176,7 +177,7 @@ def test_a_png_with_a_garbage_chunk_is_an_undecodable_record_not_a_crash() -> No
 
 def test_any_error_preprocessing_one_record_leaves_the_others_predicted() -> None:
     predictor = bare_predictor()
-    predictor.image_size = "not a size"  # type: ignore[assignment]  # image_tensor raises
+    predictor.image_spec = "not a size"  # type: ignore[assignment]  # image_tensor raises
     image = base64.b64encode(_tiny_png()).decode()
     bad, good = predictor.predict_batch(
         [{"id": "bad", "text": "t", "image": image}, {"id": "good", "text": "t", "image": None}]
