@@ -81,18 +81,15 @@ class Verdict:
         for group, value in self.challenger.groups.items():
             theirs = f"{champ.groups.get(group, float('nan')):.4f}" if champ else "-"
             lines.append(f"| group {group} | {value:.4f} | {theirs} |")
+        floors = []
         if self.baseline is not None:
-            base = self.baseline.test_accuracy
-            theirs = f"{champ.accuracy - base:+.4f}" if champ else "-"
-            lines.append(
-                f"| gain over baseline ({self.baseline.kind}, accuracy {base:.4f}) | "
-                f"{self.challenger.accuracy - base:+.4f} | {theirs} |"
-            )
+            floors.append((f"baseline ({self.baseline.kind}, ", self.baseline.test_accuracy))
         if self.zero_shot is not None:
-            base = self.zero_shot.test_accuracy
+            floors.append(("zero-shot (", self.zero_shot.test_accuracy))
+        for name, base in floors:
             theirs = f"{champ.accuracy - base:+.4f}" if champ else "-"
             lines.append(
-                f"| gain over zero-shot (accuracy {base:.4f}) | "
+                f"| gain over {name}accuracy {base:.4f}) | "
                 f"{self.challenger.accuracy - base:+.4f} | {theirs} |"
             )
         return "\n".join(lines)

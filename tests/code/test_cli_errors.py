@@ -12,7 +12,6 @@ import typer
 from typer.testing import CliRunner
 
 from mmops.cli import app
-from mmops.config import Params
 
 MMOPS = str(Path(sys.executable).parent / "mmops")
 runner = CliRunner()
@@ -25,17 +24,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) -> Path:
-    """An untrained tiny model folder: enough to load, nothing to learn."""
-    from mmops.model.classifier import MultimodalClassifier, build_encoders
-    from mmops.model.preprocess import train_tokenizer
-    from mmops.model.storage import save_model
-
-    config = tiny_params.model
-    tokenizer = train_tokenizer(["what colour is the shape"] * 5, vocab_size=64, max_length=16)
-    vision, text = build_encoders(config, len(tokenizer))
-    model = MultimodalClassifier(config, 3, vision, text)
-    return save_model(model, tokenizer, ["a", "b", "c"], tmp_path_factory.mktemp("m") / "model")
+def model_dir(untrained_model_dir: Path) -> Path:
+    return untrained_model_dir
 
 
 @pytest.fixture(autouse=True)
