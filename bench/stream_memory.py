@@ -45,7 +45,7 @@ def main() -> None:
     value = big_event(args.event_mb, params.predict.max_image_bytes)
     settings = {
         "bounded": f"stream.max_batch_bytes={params.stream.max_batch_bytes}",
-        "count_only": f"stream.max_batch_bytes={10**12}",
+        "count_only": "stream.max_batch_bytes=1000000000",  # past any batch of 64 here
     }
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()

@@ -15,6 +15,9 @@ from mmops.stream.settings import message_bytes
 
 log = logging.getLogger(__name__)
 
+# Kafka's fetch request carries its byte limit as a signed 32-bit integer.
+MAX_FETCH_BYTES = 2**31 - 1
+
 
 def client_factories(
     consumer_factory: Callable[..., Any] | None, producer_factory: Callable[..., Any] | None
@@ -47,7 +50,7 @@ def consumer_settings(cfg: StreamConfig) -> dict[str, Any]:
         "fetch_max_wait_ms": max(10, cfg.max_wait_ms),
         # A fetch holds about one batch of bytes (a single larger record still comes whole), so
         # what the client buffers stays bounded by bytes, not only by record count.
-        "fetch_max_bytes": max(room, cfg.max_batch_bytes),
+        "fetch_max_bytes": min(MAX_FETCH_BYTES, max(room, cfg.max_batch_bytes)),
         "max_partition_fetch_bytes": room,
     }
 

@@ -232,3 +232,11 @@ def test_metrics_serve_prometheus_text_without_liveness() -> None:
         assert status(port, "/metrics") == 200
     finally:
         metrics.close()
+
+
+def test_a_huge_max_batch_bytes_still_makes_a_valid_fetch_request() -> None:
+    from mmops.config import load_params
+    from mmops.stream.clients import MAX_FETCH_BYTES, consumer_settings
+
+    cfg = load_params(None, ["stream.max_batch_bytes=10000000000"]).stream
+    assert consumer_settings(cfg)["fetch_max_bytes"] == MAX_FETCH_BYTES  # an int32 on the wire
