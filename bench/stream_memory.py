@@ -59,10 +59,10 @@ def main() -> None:
             broker.kill()
             broker.wait()
     cfg = params.stream
-    # Raw events: the batches predicting, the open one, the one sending, one fetch; decoded
-    # images: one per worker at a time.
-    raw = cfg.max_batch_bytes * (cfg.workers + 3)
-    bound = raw + cfg.workers * params.predict.max_image_pixels * 3
+    # Raw events: the batches predicting, the open one, the one sending, one fetch; and per
+    # batch predicting about three copies of its bytes (the JSON text, the image bytes, the
+    # decoded pixels), as the README states.
+    bound = cfg.max_batch_bytes * (cfg.workers + 3 + 3 * cfg.workers)
     print(
         json.dumps(
             {
