@@ -236,13 +236,19 @@ def test_the_gate_holds_a_challenger_to_the_better_of_the_two_baselines() -> Non
     )
 
 
-def test_the_zero_shot_floor_is_logged_on_the_evaluated_run(tmp_path: Path) -> None:
+def test_the_zero_shot_floor_is_logged_on_the_evaluated_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     from mmops.tracking.evaluate_run import log_zero_shot
 
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # set_tracking_uri also sets MLFLOW_TRACKING_URI, which later tests' subprocesses inherit:
+    # monkeypatch puts the variable back as it was.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     try:
         # An experiment of this store: another test's active experiment id means nothing here.
         experiment = mlflow.set_experiment("zero-shot-floor")
