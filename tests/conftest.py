@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,3 +127,14 @@ def untrained_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_params: P
     vision, text = build_encoders(config, len(tokenizer))
     model = MultimodalClassifier(config, 3, vision, text)
     return save_model(model, tokenizer, ["a", "b", "c"], tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow.set_tracking_uri` (called by any in-process `mmops train`) also sets
+    MLFLOW_TRACKING_URI, which later tests' subprocesses (`dvc repro`) would inherit: put it back
+    after each test."""
+    name = "MLFLOW_TRACKING_URI"
+    monkeypatch.setenv(name, os.environ.get(name, ""))
+    if not os.environ[name]:
+        monkeypatch.delenv(name)
