@@ -6,6 +6,9 @@ the same test-split batches, in blocks whose order rotates so machine noise hits
 each with the same number of threads. Prints one JSON line of figures and ratios against torch:
 
     python bench/export_speed.py [--model models/train/model] [--data data/demo] [--repeats 50]
+        [--set key=value ...]
+
+The export's own latency table is skipped (one repeat at batch 1): this bench times instead.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/demo"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--set", action="append", default=[], help="params override, key=value")
     args = parser.parse_args()
     if not (args.model / "mmops_model.json").is_file():
         raise SystemExit(f"{args.model}: no trained model; run `bash infra/local/demo.sh` first")
-    params = load_params(args.params if args.params.is_file() else None)
+    params = load_params(
+        args.params if args.params.is_file() else None,
+        [*args.set, "export.latency_batch_sizes=[1]", "export.latency_repeats=1"],
+    )
     threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,11 +61,13 @@ def main() -> None:
             "int8": OnnxRunner(folder / "model.int8.onnx", "int8", threads),
         }
         config = loaded.model.config
-        collate = Collator(loaded.tokenizer, config.image_size, config.max_text_length)
+        collate = Collator(
+            loaded.tokenizer, loaded.image_spec, config.max_text_length, config.text_padding
+        )
         frame = load_splits(args.data, params)
         test = frame[frame["split"] == "test"]
         labels = {label: i for i, label in enumerate(loaded.labels)}
-        dataset = MultimodalDataset(args.data, test, labels, config.image_size)
+        dataset = MultimodalDataset(args.data, test, labels, loaded.image_spec)
         examples = [dataset[i] for i in range(len(dataset))]
 
         latency: dict[str, dict[str, float]] = {name: {} for name in runners}

@@ -138,3 +138,61 @@ def _tracking_uri_stays(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(name, os.environ.get(name, ""))
     if not os.environ[name]:
         monkeypatch.delenv(name)
+
+
+def clip_checkpoint(folder: Path, vocab_texts: list[str]) -> Path:
+    """A CLIP at tiny dimensions (48 px, where the demo's default image size is 64), random
+    weights, with a tokenizer and an image processor beside it, as a hub checkpoint has."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from mmops.model.preprocess import train_tokenizer
+
+    tokenizer = train_tokenizer(vocab_texts, 300, 32)
+    tokenizer.save_pretrained(str(folder))
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text = {
+        **common,
+        "num_attention_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 32,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    vision = {**common, "num_attention_heads": 2, "image_size": 48, "patch_size": 8}
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    ).save_pretrained(str(folder))
+    size = {"shortest_edge": 48}
+    CLIPImageProcessor(size=size, crop_size={"height": 48, "width": 48}).save_pretrained(
+        str(folder)
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clip_run(
+    demo_dir: Path,
+    demo_validation: DataValidation,
+    tiny_overrides: tuple[str, ...],
+    tmp_path_factory: pytest.TempPathFactory,
+):  # type: ignore[no-untyped-def]
+    from mmops.data.dataset import load_splits
+
+    texts = list(load_splits(demo_dir, load_params(None, tiny_overrides))["text"].dropna())
+    checkpoint = clip_checkpoint(tmp_path_factory.mktemp("clip"), texts)
+    params = load_params(
+        None,
+        [
+            *tiny_overrides,
+            f"model.pretrained={checkpoint}",
+            "train.epochs=2",
+            "train.min_steps=0",
+            "train.lr=0.003",
+        ],
+    )
+    from mmops.training.train import train
+
+    out = tmp_path_factory.mktemp("clip-model")
+    result = train(demo_dir, params, out_dir=out, progress=False, validation=demo_validation)
+    return params, result

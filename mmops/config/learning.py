@@ -77,6 +77,9 @@ class ModelConfig:
     # For the tokenizer trained on the dataset's texts when no pretrained text model is given.
     vocab_size: int = 2000
     max_text_length: int = 32
+    # auto: max_length (at the checkpoint's full length) for a text checkpoint that pools its
+    # last position, as SigLIP does; longest otherwise.
+    text_padding: str = "auto"
     hidden_dim: int = 128
     fusion_layers: int = 2
     fusion_heads: int = 4
@@ -95,6 +98,9 @@ class ModelConfig:
             raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {fusions}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ConfigError("model.modality_dropout: must be in [0, 1)")
+        paddings = ("auto", "longest", "max_length")
+        if self.text_padding not in paddings:
+            raise ConfigError(f"model.text_padding: {self.text_padding!r} is not one of {paddings}")
 
 
 def _default_space() -> dict[str, Any]:

@@ -9,12 +9,13 @@ causal mask. The fusion head reads the summaries; cross-attention reads the toke
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from mmops.config import ConfigError
+from mmops.config import ConfigError, ModelConfig
 
 
 class PretrainedUnavailable(ValueError):
@@ -97,3 +98,34 @@ def checkpoint_logit_scale(model: nn.Module) -> torch.Tensor | None:
     """The checkpoint's learned contrastive temperature (log scale), if it has one."""
     scale = getattr(model, "logit_scale", None)
     return scale.detach().clone().reshape(()) if isinstance(scale, torch.Tensor) else None
+
+
+# Text towers that pool their last position rather than the end-of-text token: trained on texts
+# padded to their full length, so shorter padding would move each text's embedding with the
+# longest text of its batch.
+LAST_POSITION_POOLING = frozenset({"siglip_text_model", "siglip2_text_model"})
+
+
+def with_text_padding(config: ModelConfig) -> ModelConfig:
+    """`model.text_padding: auto` made concrete: `max_length` at the checkpoint's full length
+    for a text tower that pools its last position (SigLIP), else `longest`."""
+    if config.text_padding != "auto":
+        return config
+    name = config.pretrained or config.text_pretrained
+    length = None
+    if name:
+        from transformers import AutoConfig
+
+        key = "model.pretrained" if config.pretrained else "model.text_pretrained"
+        loaded = from_pretrained(key, name, AutoConfig.from_pretrained)
+        length = fixed_text_length(getattr(loaded, "text_config", loaded))
+    if length is None:
+        return replace(config, text_padding="longest")
+    return replace(config, text_padding="max_length", max_text_length=length)
+
+
+def fixed_text_length(text_config: Any) -> int | None:
+    """The full text length of a text tower that pools its last position; None for others."""
+    if getattr(text_config, "model_type", None) in LAST_POSITION_POOLING:
+        return int(text_config.max_position_embeddings)
+    return None

@@ -131,17 +131,27 @@ class MultimodalDataset(Dataset):
 class Collator:
     """Batches examples: stacked pixels, tokenized texts, modality masks and labels."""
 
-    def __init__(self, tokenizer: Any, spec: ImageSpec | int, max_text_length: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        spec: ImageSpec | int,
+        max_text_length: int,
+        text_padding: str = "longest",
+    ) -> None:
         self.tokenizer = tokenizer
         self.spec = as_spec(spec)
         self.max_text_length = max_text_length
+        # `model.text_padding`: max_length pads every text to max_text_length, so a text
+        # tower that pools a fixed position sees each text alike whatever its batch.
+        self.padding: str | bool = "max_length" if text_padding == "max_length" else True
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
             [e.text or "" for e in examples],
-            padding=True,
+            padding=self.padding,
             truncation=True,
             max_length=self.max_text_length,
+            return_attention_mask=True,
             return_tensors="pt",
         )
         blank = self.spec.tensor(None)

@@ -60,8 +60,9 @@ class Predictor:
         self.labels = self.loaded.labels
         # The checkpoint's resize, crop and normalisation, as in training.
         self.image_spec = self.loaded.image_spec
+        config = self.loaded.model.config
         self.collate = Collator(
-            self.loaded.tokenizer, self.image_spec, self.loaded.model.config.max_text_length
+            self.loaded.tokenizer, self.image_spec, config.max_text_length, config.text_padding
         )
         self.export = _read_export(self.folder)
         self.runner = self._runner(backend)

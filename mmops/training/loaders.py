@@ -122,7 +122,7 @@ def build_loaders(
     (`image_spec_for` the model)."""
     cfg, mcfg = params.train, params.model
     label_index = {label: i for i, label in enumerate(rows.labels)}
-    collate = Collator(tokenizer, spec, mcfg.max_text_length)
+    collate = Collator(tokenizer, spec, mcfg.max_text_length, mcfg.text_padding)
     limit = params.validate.image.max_pixels
     train_set = MultimodalDataset(data_dir, rows.train, label_index, spec, max_pixels=limit)
     val_set = MultimodalDataset(data_dir, rows.val, label_index, spec, max_pixels=limit)

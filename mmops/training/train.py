@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmops.config import ModelConfig, Params, TrainConfig
+from mmops.model.backbones import with_text_padding
 from mmops.model.classifier import MultimodalClassifier, build_encoders, count_parameters
 from mmops.model.image_processing import ImageSpec, image_spec_for
 from mmops.model.storage import save_model
@@ -109,7 +110,7 @@ def _train(
     cfg = params.train
     # The model's initial weights are drawn from this seed.
     torch.manual_seed(cfg.seed)
-    params, spec = _with_image_spec(params)
+    params, spec = _with_checkpoint_inputs(params)
     rows = load_rows(data_dir, params)
     tokenizer = build_tokenizer(params.model, rows.train["text"])
     model, backbones = build_model(params.model, cfg, len(rows.labels), len(tokenizer), runtime)
@@ -158,11 +159,13 @@ def _train(
     return result
 
 
-def _with_image_spec(params: Params) -> tuple[Params, ImageSpec]:
-    """The params with the image size the model takes, and its image preprocessing: a
-    checkpoint's image processor sets both, not model.image_size."""
+def _with_checkpoint_inputs(params: Params) -> tuple[Params, ImageSpec]:
+    """The params with the image size the model takes and its text padding, and its image
+    preprocessing: a checkpoint's image processor and text tower set them, not model.image_size
+    or model.max_text_length."""
     spec = image_spec_for(params.model)
-    return replace(params, model=replace(params.model, image_size=spec.image_size)), spec
+    model = with_text_padding(replace(params.model, image_size=spec.image_size))
+    return replace(params, model=model), spec
 
 
 def build_model(

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from mmops.cli import app
 from mmops.config import ConfigError, ModelConfig
 from mmops.data.demo import make_demo_data
-from mmops.model.backbones import PretrainedUnavailable, load_dual
+from mmops.model.backbones import PretrainedUnavailable, load_dual, with_text_padding
 from mmops.model.classifier import MultimodalClassifier, build_encoders
+from mmops.model.preprocess import Collator, Example
 from mmops.model.storage import load_model, save_model
 
 
@@ -73,6 +74,33 @@ def test_a_dual_encoder_model_saves_and_reloads_with_the_same_outputs(
         after = loaded(pixels, **tokens, image_present=present[0], text_present=present[1])
     assert torch.equal(before.logits, after.logits)
     assert torch.equal(before.text_embeds, after.text_embeds)
+
+
+def test_a_text_embedding_does_not_depend_on_the_other_texts_of_its_batch(dual: Path) -> None:
+    """SigLIP pools its last position: padded to the longest text of the batch, a short text's
+    embedding would change with its neighbours. `text_padding: auto` pads it to the
+    checkpoint's full length; CLIP pools its end-of-text token and keeps longest padding."""
+    from transformers import AutoTokenizer
+
+    config = with_text_padding(replace(ModelConfig(), pretrained=str(dual), image_size=32))
+    siglip = "siglip" in dual.name
+    assert config.text_padding == ("max_length" if siglip else "longest")
+    assert config.max_text_length == (16 if siglip else ModelConfig().max_text_length)
+    collate = Collator(
+        AutoTokenizer.from_pretrained(str(dual)), 32, config.max_text_length, config.text_padding
+    )
+    _, text, _ = load_dual(str(dual))
+    short, long = Example(None, "a red circle", 0), Example(None, " ".join(TEXTS), 0)
+
+    def summaries(examples: list[Example]) -> torch.Tensor:
+        batch = collate(examples)
+        with torch.no_grad():
+            return text.eval()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).summary
+
+    alone, beside_a_long_one = summaries([short]), summaries([short, long])
+    assert torch.allclose(alone[0], beside_a_long_one[0], atol=1e-5, rtol=0)
 
 
 def test_a_checkpoint_that_is_not_a_dual_encoder_is_refused_naming_the_key(

@@ -254,6 +254,55 @@ def test_n_events_in_n_distinct_predictions_out(
     assert metrics.get_sample_value("mmops_stream_end_to_end_seconds_count") == 150
 
 
+def as_jpeg(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with its image re-encoded as a JPEG, as cameras and phones send them."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(base64.b64decode(event["image"]))).convert("RGB").save(
+        buffer, "JPEG", quality=90
+    )
+    return {**event, "image": base64.b64encode(buffer.getvalue()).decode()}
+
+
+def test_a_pretrained_dual_encoder_registered_as_champion_serves_jpeg_events(
+    registered: Registered,
+    clip_run: Any,
+    demo_dir: Path,
+    topics: Topics,
+    bootstrap: str,
+    serving: Callable[..., StreamServer],
+    tmp_path: Path,
+) -> None:
+    """A CLIP-backbone model, exported through the parity gate, registered and promoted, serves
+    JPEG events through the broker: one prediction each, from that version, with the labels
+    its exported model gives the same events outside the stream."""
+    from mmops.serving.predictor import Predictor
+    from mmops.tracking.export_run import tracked_export
+
+    params, trained = clip_run
+    name = f"{MODEL}-clip"
+    report, _, uri = tracked_export(str(trained.model_dir), demo_dir, params, tmp_path / "export")
+    assert report.gates.fp32.passed, report.gates.fp32.reasons
+    version = registry.register(uri, name, {})
+    registry.promote(name, version, "first champion")
+    events = [as_jpeg(e) for e in registered.events[:60]]
+    produce(bootstrap, topics.input, [encode(e) for e in events], [b"k"] * len(events))
+    serving(load_params(None, (*topics.overrides, f"tracking.registered_model={name}")))
+    sent = {e["id"] for e in events}
+
+    out = read_topic(bootstrap, topics.output, covers(sent))
+
+    assert sorted(ids_of(out)) == sorted(sent)
+    expected = {
+        e["id"]: p["label"]
+        for e, p in zip(events, Predictor(tmp_path / "export").predict_batch(events), strict=True)
+    }
+    for message in out:
+        value = json.loads(message.value)
+        assert value["model"] == {"name": name, "version": version}
+        assert value["label"] == expected[value["id"]]
+    assert read_topic(bootstrap, topics.dead, lambda m: False, timeout=0.5) == []
+
+
 def png(size: tuple[int, int], noise: bool = False, mode: str = "RGB") -> bytes:
     if noise:
         image = Image.frombytes("RGB", size, random.Random(0).randbytes(size[0] * size[1] * 3))
