@@ -255,3 +255,55 @@ def test_two_claimers_of_the_lease_take_turns(
         t.join(timeout=30)
 
     assert len(done) == 2 and not overlaps
+
+
+def test_two_first_claims_written_at_the_same_moment_take_turns(
+    name: str, logged_model: Callable[[], str], store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both claimers find no lease tag, then insert it at once: the database store takes the
+    first insert and fails the second on its unique key. The loser waits its turn instead of
+    crashing (seen in CI on a loaded machine; here the two inserts are lined up on purpose)."""
+    from sqlalchemy.orm import Session
+
+    versions(name, logged_model, 1)
+    together = threading.Barrier(2, timeout=30)
+    merge = Session.merge
+    waited: set[threading.Thread] = set()
+
+    def merge_together(self: Session, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        merged = merge(self, instance, *args, **kwargs)  # looked up: not there yet
+        me = threading.current_thread()
+        lease_tag = getattr(instance, "key", None) == lease.LEASE_TAG
+        if lease_tag and me in claimers and me not in waited:
+            waited.add(me)
+            together.wait()  # both inserts pending before either commits
+        return merged
+
+    monkeypatch.setattr(Session, "merge", merge_together)
+    monkeypatch.setattr(lease, "POLL_S", 0.5)
+    inside: list[int] = []
+    overlaps: list[int] = []
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+        try:
+            with lease.promotion_lease(client, name):
+                inside.append(1)
+                overlaps.extend([1] if len(inside) > 1 else [])
+                time.sleep(0.2)
+                inside.pop()
+            done.append(1)
+        except BaseException as error:
+            errors.append(error)
+
+    claimers = [threading.Thread(target=claim) for _ in range(2)]
+    for t in claimers:
+        t.start()
+    for t in claimers:
+        t.join(timeout=60)
+
+    assert waited == set(claimers)  # both writes really were lined up
+    assert not errors, errors
+    assert len(done) == 2 and not overlaps
