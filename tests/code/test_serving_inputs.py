@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmops.config import IMAGE_FORMATS, Params
@@ -111,3 +112,28 @@ def test_an_image_file_of_another_format_is_named_when_refused(tmp_path: Path) -
     with pytest.raises(UnidentifiedImageError, match="PNG or JPEG") as info:
         open_image(path)
     assert str(path) in str(info.value)
+
+
+def test_a_latency_figure_stops_at_its_time_budget_but_keeps_three_timings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow model (a ViT-B/32 at batch 32: seconds a call) is timed a few times, not
+    `repeats` times; a fast one gets every repeat."""
+    import time
+
+    from mmops.serving import runners
+
+    calls: list[int] = []
+
+    def slow(batch: object) -> None:
+        calls.append(1)
+        time.sleep(0.03)
+
+    monkeypatch.setattr(runners, "LATENCY_BUDGET_S", 0.1)
+    batch = {"pixel_values": torch.zeros(2, 3, 4, 4)}
+    figure = runners.measure_latency(slow, batch, repeats=100)
+    assert runners.MIN_TIMINGS < len(calls) <= 3 + 6  # some warm-up, then the budget
+    assert figure["p50_ms"] >= 30
+    calls.clear()
+    runners.measure_latency(lambda batch: calls.append(1), batch, repeats=10)
+    assert len(calls) == 3 + 10
