@@ -337,5 +337,6 @@ def _strip_pooler(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, skip: str | None = None) -> int:
+    """Parameters of `model`, leaving out those whose name contains `skip`."""
+    return sum(p.numel() for n, p in model.named_parameters() if not (skip and skip in n))

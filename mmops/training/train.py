@@ -20,7 +20,7 @@ from mmops.model.classifier import MultimodalClassifier, build_encoders, count_p
 from mmops.model.image_processing import ImageSpec, image_spec_for
 from mmops.model.storage import save_model
 from mmops.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from mmops.training.finetune import Backbone, prepare_finetune
+from mmops.training.finetune import ADAPTER_MARK, Backbone, prepare_finetune
 from mmops.training.history import HISTORY_CSV_FILE, HISTORY_FILE, write_history
 from mmops.training.loaders import (
     TrainLoaders,
@@ -150,7 +150,7 @@ def _train(
         stopped_early=stopped_early,
         device=str(runtime.device),
         world_size=runtime.world_size,
-        parameters=count_parameters(model),
+        parameters=count_parameters(model, skip=ADAPTER_MARK),  # as saved: adapters merged
         history=progress.history,
         validation=validation.to_dict(),
     )

@@ -322,7 +322,10 @@ def test_a_lora_training_run_saves_a_plain_model_and_resumes(
     assert resumed.epochs_run == 2
     saved = load_file(str(resumed.model_dir / "model.safetensors"))
     assert not any("lora_" in k or "base_layer" in k for k in saved)
-    assert load_model(resumed.model_dir).labels == resumed.labels
+    loaded = load_model(resumed.model_dir)
+    assert loaded.labels == resumed.labels
+    # The parameters reported are the saved model's: adapters merged, not counted twice.
+    assert resumed.parameters == sum(p.numel() for p in loaded.model.parameters())
 
 
 def test_gradient_checkpointing_is_enabled_on_the_backbones(
