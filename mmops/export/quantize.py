@@ -1,5 +1,5 @@
-"""INT8 quantization of the FP32 ONNX model: weights of MatMul and embeddings dynamically,
-convolutions statically on calibration batches."""
+"""INT8 quantization of the FP32 ONNX model: weights of MatMul and embeddings dynamically (unsigned,
+per output channel), convolutions statically on calibration batches."""
 
 from __future__ import annotations
 
@@ -30,10 +30,15 @@ def quantize_int8(
         _gemm_to_matmul(prepared)
         static = bool(calibration) and _has_op(prepared, "Conv")
         dynamic = Path(tmp) / "dynamic.onnx" if static else int8_path
+        # Unsigned weights with a scale per output channel. Signed weights (U8S8) saturate the
+        # int16 pair sums of the AVX2 kernels on CPUs without VNNI, and per-channel scales make
+        # it worse. Measured on a CLIP ViT-B/32-size model (README, Benchmarks): mean class-score
+        # error 0.00086 against 0.0013 for signed per-tensor and 0.0020 for signed per-channel.
         quantize_dynamic(
             prepared,
             dynamic,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8,
+            per_channel=True,
             op_types_to_quantize=["MatMul", "Gather"],
         )
         if static:
