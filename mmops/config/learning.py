@@ -87,6 +87,14 @@ class ModelConfig:
     # Chance per training example of hiding one modality, for robustness to a missing one.
     modality_dropout: float = 0.0
 
+    def checkpoint(self, part: str) -> tuple[str, str] | None:
+        """(params key, name) of the checkpoint the `vision` or `text` encoder is loaded from:
+        the dual encoder's for both, else the tower's own; None when it is built from scratch."""
+        if self.pretrained:
+            return "model.pretrained", self.pretrained
+        name = self.vision_pretrained if part == "vision" else self.text_pretrained
+        return (f"model.{part}_pretrained", name) if name else None
+
     def __post_init__(self) -> None:
         if self.pretrained and (self.vision_pretrained or self.text_pretrained):
             raise ConfigError(

@@ -21,7 +21,7 @@ from mmops.data.dataset import load_splits, split_rows
 from mmops.evaluation.metrics import classification_metrics
 from mmops.evaluation.predictions import predict_dataset
 from mmops.evaluation.records import ZeroShotResult
-from mmops.model.backbones import PretrainedTower, fixed_text_length, from_pretrained, split_dual
+from mmops.model.backbones import PretrainedTower, from_pretrained, padded_for, split_dual
 from mmops.model.classifier import MultimodalClassifier
 from mmops.model.image_processing import image_spec_for
 from mmops.model.preprocess import MultimodalDataset
@@ -63,8 +63,8 @@ def build_zero_shot(
         pretrained=checkpoint,
         image_size=spec.image_size,
         max_text_length=int(text.config.max_position_embeddings),
-        text_padding="longest" if fixed_text_length(text.config) is None else "max_length",
     )
+    config = padded_for(config, text.config)
     model = MultimodalClassifier(config, len(labels), vision, text).eval()
     templates = params.zero_shot.templates
     with torch.no_grad():

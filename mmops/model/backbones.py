@@ -111,14 +111,19 @@ def with_text_padding(config: ModelConfig) -> ModelConfig:
     for a text tower that pools its last position (SigLIP), else `longest`."""
     if config.text_padding != "auto":
         return config
-    name = config.pretrained or config.text_pretrained
-    length = None
-    if name:
-        from transformers import AutoConfig
+    named = config.checkpoint("text")
+    if named is None:
+        return padded_for(config, None)
+    from transformers import AutoConfig
 
-        key = "model.pretrained" if config.pretrained else "model.text_pretrained"
-        loaded = from_pretrained(key, name, AutoConfig.from_pretrained)
-        length = fixed_text_length(getattr(loaded, "text_config", loaded))
+    loaded = from_pretrained(*named, AutoConfig.from_pretrained)
+    return padded_for(config, getattr(loaded, "text_config", loaded))
+
+
+def padded_for(config: ModelConfig, text_config: Any) -> ModelConfig:
+    """`config` padding texts as the text tower of `text_config` (None: built from scratch)
+    needs: to its full length if it pools its last position, else to the longest text."""
+    length = None if text_config is None else fixed_text_length(text_config)
     if length is None:
         return replace(config, text_padding="longest")
     return replace(config, text_padding="max_length", max_text_length=length)

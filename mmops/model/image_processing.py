@@ -224,13 +224,12 @@ def _default_spec(image_size: int) -> ImageSpec:
 def image_spec_for(config: ModelConfig) -> ImageSpec:
     """The spec a model trains with: its dual-encoder checkpoint's, else its vision
     checkpoint's, else the default at `model.image_size` (which a checkpoint overrides)."""
-    key = "model.pretrained" if config.pretrained else "model.vision_pretrained"
-    name = config.pretrained or config.vision_pretrained
-    if not name:
+    named = config.checkpoint("vision")
+    if named is None:
         return ImageSpec.default(config.image_size)
     from mmops.model.backbones import from_pretrained
 
-    return from_pretrained(key, name, ImageSpec.from_pretrained)
+    return from_pretrained(*named, ImageSpec.from_pretrained)
 
 
 def image_spec_of(meta: dict[str, Any]) -> ImageSpec:

@@ -93,10 +93,10 @@ def measure_latency(
 ) -> dict[str, float]:
     """p50/p95 milliseconds of one batch through `runner`, and examples per second at p50:
     `repeats` timings, or fewer (at least MIN_TIMINGS) once LATENCY_BUDGET_S is spent."""
-    start = time.perf_counter()
+    warm_up = time.perf_counter()
     for _ in range(3):  # warm-up: first calls allocate and pick kernels
         runner(batch)
-        if time.perf_counter() - start > LATENCY_BUDGET_S / 4:
+        if time.perf_counter() - warm_up > LATENCY_BUDGET_S / 4:
             break
     times: list[float] = []
     started = time.perf_counter()

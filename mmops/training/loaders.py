@@ -99,12 +99,11 @@ def _image_problem(real_root: str, relpath: str, limits: ImageLimits) -> str | N
 
 def build_tokenizer(mcfg: ModelConfig, texts: pd.Series) -> Any:
     """The pretrained text model's tokenizer, or one trained on the train texts."""
-    if mcfg.pretrained or mcfg.text_pretrained:
+    named = mcfg.checkpoint("text")
+    if named is not None:
         from transformers import AutoTokenizer
 
-        key = "model.pretrained" if mcfg.pretrained else "model.text_pretrained"
-        name = mcfg.pretrained or mcfg.text_pretrained
-        return from_pretrained(key, name, AutoTokenizer.from_pretrained)
+        return from_pretrained(*named, AutoTokenizer.from_pretrained)
     return train_tokenizer(
         (t for t in texts if isinstance(t, str)), mcfg.vocab_size, mcfg.max_text_length
     )
