@@ -56,9 +56,7 @@ class Backbone:
 
 def pretrained_parts(config: ModelConfig) -> tuple[str, ...]:
     """The encoders (`vision`, `text`) that the model config loads from a checkpoint."""
-    both = getattr(config, "pretrained", None)
-    named = {"vision": config.vision_pretrained, "text": config.text_pretrained}
-    return tuple(part for part in ENCODERS if both or named[part])
+    return tuple(part for part in ENCODERS if config.checkpoint(part) is not None)
 
 
 def find_blocks(module: nn.Module) -> tuple[nn.Module, ...]:
