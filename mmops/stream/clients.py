@@ -11,6 +11,7 @@ from typing import Any
 from mmops.config import StreamConfig
 from mmops.stream.headers import tolerate_header_keys
 from mmops.stream.logs import log_data
+from mmops.stream.record_batches import tolerate_undecodable_batches
 from mmops.stream.settings import message_bytes
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def connect(
     from kafka.errors import KafkaError
 
     tolerate_header_keys()
+    tolerate_undecodable_batches()
     new_consumer, new_producer = factories
     backoff = 1.0
     while True:

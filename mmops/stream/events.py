@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from mmops.stream.record_batches import undecodable_batch
+
 # Event fields the prediction itself writes; an event field of the same name passes through as
 # `event_<name>`, so the input's own `ts` survives next to the prediction's.
 PREDICTION_FIELDS = ("id", "label", "scores", "model", "latency_ms", "ts")
@@ -124,6 +126,9 @@ def dead_letter(
         extra["key.truncated"] = str(len(message.key))
     if key is None:
         key = b"" if not value else None
+    if (lost := undecodable_batch(message.headers)) is not None:
+        # The dead letter stands for every offset of the batch, not only the one it sits at.
+        extra["source.first_offset"] = str(lost.get("first_offset"))
     headers = dead_letter_headers(message, reason, error, extra)
     if not original_headers:
         headers = [(k, v) for k, v in headers if k.startswith(DEAD_LETTER_HEADER)]

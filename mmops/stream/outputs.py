@@ -28,6 +28,7 @@ from mmops.stream.events import (
 )
 from mmops.stream.headers import escaped_keys
 from mmops.stream.logs import log_data
+from mmops.stream.record_batches import undecodable_batch
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def predict_messages(
         try:
             if (bad := escaped_keys(message.headers)) is not None:
                 raise EventError(f"headers: key {bad} is not UTF-8", "bad_header_key")
+            if (lost := undecodable_batch(message.headers)) is not None:
+                raise EventError(batch_error(lost), "undecodable_batch")
             events.append((message, decode_event(message.value, max_event_bytes, max_id_chars)))
         except EventError as error:
             dead.append((message, error.reason, str(error)))
@@ -86,6 +89,14 @@ def predict_messages(
         except Exception as error:  # e.g. an extra field nested past orjson's depth limit
             dead.append((message, "unserialisable", describe(error)))
     return Served(predictions, dead)
+
+
+def batch_error(about: Mapping[str, Any]) -> str:
+    """The dead letter's message for a record batch the client could not decode."""
+    span = f"{about.get('first_offset')}..{about.get('last_offset')}"
+    return f"record batch at offsets {span} ({about.get('codec')}) cannot be decoded: " + str(
+        about.get("error")
+    )
 
 
 def predict_isolated(predictor: Predictor, records: list[dict[str, Any]]) -> list[dict[str, Any]]:

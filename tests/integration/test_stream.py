@@ -707,6 +707,78 @@ def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_its_batch_served(
     assert letter.value == encode(good[1])
 
 
+CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def test_events_compressed_by_librdkafka_with_every_codec_are_served(
+    registered: Registered, topics: Topics, bootstrap: str, serving: Callable[..., StreamServer]
+) -> None:
+    from confluent_kafka import Producer
+
+    events = registered.events[: 4 * len(CODECS)]
+    for i, codec in enumerate(CODECS):
+        # linger: the events of one codec share a compressed record batch
+        producer = Producer(
+            {"bootstrap.servers": bootstrap, "compression.type": codec, "linger.ms": 50}
+        )
+        for event in events[4 * i : 4 * i + 4]:
+            producer.produce(topics.input, value=encode(event), key=event["id"].encode())
+        assert producer.flush(30) == 0
+    serving()
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in events}))
+
+    assert sorted(set(ids_of(out))) == sorted(e["id"] for e in events)
+    assert read_topic(bootstrap, topics.dead, lambda m: False, timeout=0, settle=1) == []
+
+
+def test_a_batch_that_cannot_be_decoded_is_dead_lettered_and_its_partition_moves_on(
+    registered: Registered,
+    topics: Topics,
+    bootstrap: str,
+    serving: Callable[..., StreamServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kafka.record import default_records
+
+    good = registered.events[:9]
+    corrupt = [e["id"] for e in registered.events[9:12]]
+
+    def send(events: list[dict[str, Any]], partition: int, compression: str | None = None) -> None:
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap, compression_type=compression, linger_ms=50
+        )
+        sent = [producer.send(topics.input, encode(e), partition=partition) for e in events]
+        producer.flush()
+        for future in sent:
+            future.get(timeout=10)
+        producer.close()
+
+    send(good[:3], 0)
+    with monkeypatch.context() as patch:  # a producer whose gzip payload is garbage
+        patch.setattr(default_records, "gzip_encode", lambda payload, **_: b"not gzip" * 8)
+        send(registered.events[9:12], 0, "gzip")
+    send(good[3:6], 0)
+    send(good[6:], 1)
+    serving()
+
+    out = read_topic(bootstrap, topics.output, covers({e["id"] for e in good}))
+    dead = read_topic(bootstrap, topics.dead, lambda m: len(m) >= 1, settle=3)
+
+    assert sorted(set(ids_of(out))) == sorted(e["id"] for e in good)
+    assert not set(corrupt) & set(ids_of(out))
+    covered: list[int] = []
+    for letter in dead:  # one per record batch the producer made of the three
+        headers = dict(letter.headers)
+        assert headers["mmops.error.reason"] == b"undecodable_batch"
+        assert headers["mmops.source.partition"] == b"0"
+        assert b"gzip" in headers["mmops.error.message"]
+        assert b"not gzip" in letter.value  # the batch's bytes as fetched: nothing lost
+        first, last = int(headers["mmops.source.first_offset"]), int(headers["mmops.source.offset"])
+        covered.extend(range(first, last + 1))
+    assert sorted(covered) == [3, 4, 5]
+
+
 def fuzz_corpus(valid: list[dict[str, Any]], max_bytes: int, rng: random.Random) -> list[Any]:
     """(value, headers, is_valid) events: valid ones interleaved with mutations of them."""
     corpus: list[Any] = []
