@@ -72,6 +72,9 @@ def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
         )
     if _raised(exc, "mmops.training.checkpoint.CheckpointError"):
         return UserError(str(exc), "delete the checkpoint, or train without --resume")
+    if _raised(exc, "mmops.serving.integrity.DamagedModelError"):
+        # Not the user's typo: the model's files are not the ones recorded; exit 1, as a fault.
+        return UserError(exc.message, exc.hint, code=1)  # type: ignore[attr-defined]
     if _raised(exc, "mmops.tracking.registry.RegistryError"):
         return UserError(
             str(exc), "`mmops models` lists the registered versions; `mmops retrain` adds one"

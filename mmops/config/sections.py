@@ -13,6 +13,8 @@ from mmops.config.learning import (
 
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
+# What `auto` may serve when the approved backend's file is damaged or missing: nothing (refuse).
+FALLBACK_BACKENDS = ("none", "fp32", "torch")
 # The image formats a dataset may hold and serving decodes (Pillow's names): one list, so serving
 # never decodes a format that validation would have refused in training data.
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -165,10 +167,18 @@ class PredictConfig:
     max_image_bytes: int = 10_000_000
     max_image_pixels: int = 16_777_216  # checked from the header, before decoding
     max_text_chars: int = 1000
+    # Serve this, with a warning, when `auto`'s approved backend's file is damaged or missing;
+    # none refuses: what serves is what the parity gate approved.
+    fallback_backend: str = "none"  # none | fp32 | torch
+    require_digests: bool = False  # refuse a model saved before digests were recorded
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"predict.backend: must be one of {', '.join(BACKENDS)}")
+        if self.fallback_backend not in FALLBACK_BACKENDS:
+            raise ConfigError(
+                f"predict.fallback_backend: must be one of {', '.join(FALLBACK_BACKENDS)}"
+            )
         if min(self.batch_size, self.max_image_bytes, self.max_image_pixels) < 1:
             raise ConfigError("predict: batch_size and limits must be >= 1")
 

@@ -1,9 +1,10 @@
 """Export: the trained model to ONNX, quantized to INT8, with a parity gate that picks what serves.
 
 The export folder is self-contained: the torch model folder (weights, configs, labels,
-tokenizer) plus `model.onnx`, `model.int8.onnx` and `export.json`, whose `serving` field names
-the artifact `Predictor` runs. INT8 serves only when it passes the gate against the torch
-model on the test split; otherwise FP32 ONNX serves, and torch if even FP32 ONNX disagrees.
+tokenizer) plus `model.onnx`, `model.int8.onnx`, `export.json`, whose `serving` field names
+the artifact `Predictor` runs, and `digests.json`, the SHA-256 of every file. INT8 serves only
+when it passes the gate against the torch model on the test split; otherwise FP32 ONNX serves,
+and torch if even FP32 ONNX disagrees.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from mmops.export.onnx import export_onnx
 from mmops.export.parity import parity
 from mmops.export.quantize import quantize_int8
 from mmops.export.records import ExportReport, Gates
+from mmops.model.digests import write_digests, write_manifest
 from mmops.model.preprocess import Collator, MultimodalDataset
 from mmops.model.storage import META_FILE
+from mmops.serving.integrity import read_manifest
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import (
     EXPORT_FILE,
@@ -53,6 +56,7 @@ def export_model(
     cfg = params.export
     out = Path(out_dir or cfg.out_dir)
     _copy_model_folder(Path(model_dir), out)
+    _copy_digests(Path(model_dir), out)
     # The torch side of the gate is the prediction path itself, forced to the torch backend.
     reference = Predictor(out, backend="torch", config=params.predict)
     loaded, collate = reference.loaded, reference.collate
@@ -97,6 +101,7 @@ def export_model(
         test_examples=len(test),
     )
     (out / EXPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_digests(out)  # registration tags them; loading checks every file against them
     return report
 
 
@@ -131,6 +136,16 @@ def _latency(
 
 def _accuracy(outputs: Outputs, targets: np.ndarray) -> float:
     return float((outputs.probs.argmax(1) == targets).mean())
+
+
+def _copy_digests(model_dir: Path, out: Path) -> None:
+    """The source's digests of the copied files: loading the copy checks it against them."""
+    source = read_manifest(model_dir)
+    if source.files is None:  # a model saved before digests: the copy is what there is
+        write_digests(out)
+        return
+    copied = {k: v for k, v in source.files.items() if k.split("/")[0] in _MODEL_FILES}
+    write_manifest(out, copied, source.source)
 
 
 def _copy_model_folder(model_dir: Path, out: Path) -> None:

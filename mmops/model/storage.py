@@ -23,6 +23,7 @@ from mmops.model.classifier import (
     text_part,
     vision_part,
 )
+from mmops.model.digests import write_digests
 from mmops.model.image_processing import SPEC_KEY, ImageSpec, image_spec_for, image_spec_of
 
 WEIGHTS_FILE = "model.safetensors"
@@ -76,6 +77,7 @@ def save_model(
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    write_digests(out)  # last: a folder half rewritten no longer matches its manifest
     return out
 
 

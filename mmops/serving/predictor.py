@@ -2,7 +2,9 @@
 
 Batch evaluation, `mmops predict`, the Kafka consumer and any HTTP endpoint all call
 `Predictor.predict_batch`, which decodes with the training code's own preprocessing and runs the
-serving artifact the export stage chose (INT8 ONNX, FP32 ONNX or the torch model).
+serving artifact the export stage chose (INT8 ONNX, FP32 ONNX or the torch model). Every file it
+opens is first checked against the digests recorded with the model (`mmops.serving.integrity`);
+another backend than the approved one serves only when a param says so, with a log line.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from typing import Any
 from mmops.config import BACKENDS, PredictConfig
 from mmops.model.preprocess import Collator, Example, image_tensor, open_image
 from mmops.model.storage import META_FILE, load_model
+from mmops.serving.integrity import (
+    DamagedModelError,
+    Manifest,
+    read_manifest,
+    require_digests,
+    verify_model,
+)
 from mmops.serving.references import ModelIdentity
 from mmops.serving.runners import (
     EXPORT_FILE,
     ONNX_FILES,
     OnnxRunner,
     Outputs,
+    Runner,
     TorchRunner,
     run_loader,
 )
@@ -56,6 +66,11 @@ class Predictor:
             raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.folder = Path(folder)
         self.config = config or PredictConfig()
+        self.manifest: Manifest = read_manifest(self.folder)
+        require_digests(self.manifest, self.config.require_digests)
+        # The files every backend opens; export.json and the ONNX files as the backend needs.
+        per_backend = {EXPORT_FILE, *ONNX_FILES.values()}
+        verify_model(self.folder, self.manifest, set(self.manifest.files or ()) - per_backend)
         self.loaded = load_model(self.folder)
         self.labels = self.loaded.labels
         # The checkpoint's resize, crop and normalisation, as in training.
@@ -64,7 +79,7 @@ class Predictor:
         self.collate = Collator(
             self.loaded.tokenizer, self.image_spec, config.max_text_length, config.text_padding
         )
-        self.export = _read_export(self.folder)
+        self.export: dict[str, Any] | None = None  # export.json, once read
         self.runner = self._runner(backend)
         self.identity = identity or ModelIdentity(self.folder.resolve().name, "local")
 
@@ -76,30 +91,103 @@ class Predictor:
         local = Path(model_ref)
         if (local / META_FILE).is_file():
             return cls(local, backend, config)
-        from mmops.serving.references import model_identity, resolve_model
+        from mmops.serving.references import download_model, model_identity
 
         # Everything is in memory once loaded, so the download goes: a consumer swapping
         # champions for months leaves nothing behind on disk.
         with tempfile.TemporaryDirectory(prefix="mmops-model-") as download:
-            folder, run_id = resolve_model(model_ref, Path(download))
-            return cls(folder, backend, config, model_identity(model_ref, run_id))
+            folder, run_id = download_model(model_ref, Path(download))
+            pinned = read_manifest(folder).source  # an alias resolved to its version
+            return cls(folder, backend, config, model_identity(pinned, run_id))
 
     @property
     def backend(self) -> str:
         return self.runner.name
 
-    def _runner(self, backend: str) -> TorchRunner | OnnxRunner:
+    def _runner(self, backend: str) -> Runner:
+        """`backend`, or for auto the one the export approved: another one only by
+        predict.fallback_backend, and logged."""
+        source = self.manifest.source
+        if backend != "auto":
+            try:
+                approved = self._approved()
+            except DamagedModelError:
+                approved = None  # export.json is not needed to run a backend named
+            if approved not in (None, backend):
+                log.info(
+                    "%s: serving %s (asked for); the export approved %s", source, backend, approved
+                )
+            return self._backend_runner(backend)
+        approved = None  # unknown while export.json cannot be read
+        try:
+            approved = self._approved()
+            return self._backend_runner(approved)
+        except DamagedModelError as error:
+            fallback = self.config.fallback_backend
+            if fallback in ("none", approved):
+                raise
+            try:
+                runner = self._backend_runner(fallback)
+            except (DamagedModelError, FileNotFoundError):
+                raise error from None
+            log.warning(
+                "%s: serving %s instead of %s, which the export approved, as "
+                "predict.fallback_backend says: %s",
+                source,
+                fallback,
+                approved or "the backend",
+                error.message,
+            )
+            return runner
+
+    def _approved(self) -> str:
+        """The backend the export's parity gate approved (export.json's `serving`); torch for a
+        model never exported. DamagedModelError when export.json is damaged or lost."""
+        exported = {EXPORT_FILE, *ONNX_FILES.values()}
+        path = self.folder / EXPORT_FILE
+        recorded = any(self.manifest.recorded(name) for name in exported)
+        if not recorded and not any((self.folder / name).is_file() for name in exported):
+            return "torch"
+        verify_model(self.folder, self.manifest, [EXPORT_FILE])
+        if not path.is_file():
+            raise DamagedModelError(
+                self.manifest.source,
+                EXPORT_FILE,
+                "missing, so which backend the parity gate approved is unknown",
+            )
+        try:
+            export = json.loads(path.read_text())
+            serving = export["serving"]
+            if serving not in ("int8", "fp32", "torch"):
+                raise ValueError(f"serving {serving!r}")
+        except (ValueError, KeyError, TypeError) as error:
+            raise DamagedModelError(
+                self.manifest.source, EXPORT_FILE, f"cannot be read ({error})"
+            ) from None
+        self.export = export
+        return str(serving)
+
+    def _backend_runner(self, backend: str) -> Runner:
+        """The runner of `backend`, its file checked first."""
         if backend == "torch":
-            return TorchRunner(self.loaded)
-        if backend in ONNX_FILES:
-            path = self.folder / ONNX_FILES[backend]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no {backend} ONNX model; run `mmops export`")
+            return TorchRunner(self.loaded)  # its files were checked before loading
+        name = ONNX_FILES[backend]
+        path = self.folder / name
+        verify_model(self.folder, self.manifest, [name])
+        if not path.is_file():
+            if self.export is not None or self.manifest.recorded(name):
+                raise DamagedModelError(self.manifest.source, name, "missing; the file was lost")
+            raise FileNotFoundError(f"{path}: no {backend} ONNX model; run `mmops export`")
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+        try:
             return OnnxRunner(path, backend, self.config.threads)
-        serving = (self.export or {}).get("serving", "torch")
-        if serving in ONNX_FILES and (self.folder / ONNX_FILES[serving]).is_file():
-            return OnnxRunner(self.folder / ONNX_FILES[serving], serving, self.config.threads)
-        return TorchRunner(self.loaded)
+        except (InvalidProtobuf, InvalidGraph) as error:
+            # A model with no recorded digests, damaged: one line, not ONNX Runtime's.
+            first = str(error).strip().splitlines()[0].replace(str(path), name)
+            raise DamagedModelError(
+                self.manifest.source, name, f"cannot be loaded ({first[:300]})"
+            ) from None
 
     def run(self, examples: Sequence[Example]) -> Outputs:
         """Class probabilities and embeddings for preprocessed examples, in batches."""
@@ -219,8 +307,3 @@ def _image_bytes(source: Any) -> bytes:
     raise RecordError(
         f"image: expected bytes, base64 text or a path, got {type(source).__name__}", "wrong_type"
     )
-
-
-def _read_export(folder: Path) -> dict[str, Any] | None:
-    path = folder / EXPORT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

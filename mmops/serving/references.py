@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmops.environment import mlflow_client, tracking_uri
 from mmops.model.storage import META_FILE
+from mmops.serving.integrity import (
+    DIGESTS_TAG,
+    REGISTRY_SCHEME,
+    DamagedModelError,
+    adopt_recorded,
+    parse_tag,
+    read_manifest,
+    require_digests,
+    verify_model,
+)
 
 RUN_FILE = "mlflow_run.json"
-REGISTRY_SCHEME = "models:/"
 
 
 @dataclass(frozen=True)
@@ -86,15 +96,44 @@ def _run_file(folder: Path) -> dict:
 
 def resolve_model(model_ref: str, download_to: Path | None = None) -> tuple[Path, str | None]:
     """A local model folder and its MLflow run id, from a folder, runs:/ or models:/ URI (a
-    download goes under `download_to`, else a new temporary folder)."""
+    download goes under `download_to`, else a new temporary folder), every file of it checked
+    against its recorded digests (DamagedModelError)."""
+    folder, run_id = download_model(model_ref, download_to)
+    manifest = read_manifest(folder)
+    require_digests(manifest, required=False)  # a warning; the loader's params may refuse it
+    verify_model(folder, manifest)
+    return folder, run_id
+
+
+def download_model(model_ref: str, download_to: Path | None = None) -> tuple[Path, str | None]:
+    """`resolve_model` without checking the files: a download's manifest holds the digests
+    recorded at registration and names the version (an alias pinned to it), for the loader."""
     import mlflow
 
     local = Path(model_ref)
     if (local / META_FILE).is_file():
         return local, local_run_id(local)
     mlflow.set_tracking_uri(tracking_uri())
+    ref = RegistryRef.parse(model_ref)
+    recorded = None
+    if ref is not None and (ref.alias or ref.version):  # not a logged model, models:/<model_id>
+        version = (
+            mlflow_client().get_model_version_by_alias(ref.name, ref.alias)
+            if ref.alias is not None
+            else mlflow_client().get_model_version(ref.name, str(ref.version))
+        )
+        # Pinned: the alias may move while the files come down.
+        model_ref = ref.at_version(str(version.version))
+        recorded = parse_tag(model_ref, version.tags.get(DIGESTS_TAG))
     run_id = mlflow.models.get_model_info(model_ref).run_id
-    target = None if download_to is None else str(download_to)
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=target))
-    folder = next(p.parent for p in downloaded.rglob(META_FILE))
+    # Always a copy: without a destination, a local store hands back its own files, and the
+    # manifest of the download is rewritten below.
+    target = download_to or Path(tempfile.mkdtemp(prefix="mmops-model-"))
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=str(target))
+    )
+    folder = next((p.parent for p in downloaded.rglob(META_FILE)), None)
+    if folder is None:
+        raise DamagedModelError(model_ref, META_FILE, "missing; the model folder was lost")
+    adopt_recorded(folder, model_ref, recorded)
     return folder, run_id

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from mmops.config import PredictConfig
+from mmops.serving.integrity import DamagedModelError
 from mmops.serving.predictor import Predictor
 from mmops.serving.references import RegistryRef, alias_version
 from mmops.stream.logs import log_data
@@ -26,7 +27,9 @@ class ModelSource:
     A new version is loaded in a background thread and handed over by `swap`, which the consumer
     calls between batches, so each event is served by exactly one version. A version that fails
     to load, or fails every event of a batch that the last good version predicts, is not served:
-    the last good version goes on, with a log line and `on_failure(stage, version)`.
+    the last good version goes on, with a log line and `on_failure(stage, version)` (stage
+    `damaged` for files not as recorded, `load` for other load failures, `predict`). A followed
+    champion damaged at start is waited out: `load` returns once a version loads.
     """
 
     def __init__(
@@ -47,18 +50,31 @@ class ModelSource:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.waiting_for: str | None = None  # while `load` waits: why, in one line
 
-    def load(self) -> Predictor:
-        """Load the model now (the alias's current version when following)."""
-        self.current = (
-            self._load(self._resolve())
-            if self.follow
-            else Predictor.load(self.model_ref, self.config.backend, self.config)
-        )
-        if self.follow:
-            self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
-            self._thread.start()
+    def load(
+        self, stop: threading.Event | None = None, beat: Callable[[], None] | None = None
+    ) -> Predictor | None:
+        """The model to serve (the alias's current version when following), once it loads.
+
+        A pinned model that fails to load raises. A followed champion whose files are damaged
+        is logged, counted and waited out: the alias is resolved again every `poll_s`, and
+        `beat()` called, until a version loads; None if `stop` (or `close`) comes first.
+        """
+        if not self.follow:
+            self.current = Predictor.load(self.model_ref, self.config.backend, self.config)
+            return self.current
+        self.current = self._first_champion(stop or self._stop, beat)
+        if self.current is None:
+            return None
+        self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
+        self._thread.start()
         return self.current
+
+    @property
+    def loaded(self) -> bool:
+        """A model is loaded to serve (False while `load` waits for a loadable champion)."""
+        return self.current is not None
 
     @property
     def ready(self) -> bool:
@@ -122,6 +138,36 @@ class ModelSource:
         pinned = self.registry_ref.at_version(version)
         return Predictor.load(pinned, self.config.backend, self.config)
 
+    def _first_champion(
+        self, stop: threading.Event, beat: Callable[[], None] | None
+    ) -> Predictor | None:
+        damaged = False  # once waiting, registry trouble is waited through too
+        while True:
+            if beat is not None:
+                beat()
+            version = "?"
+            try:
+                version = self._resolve()
+                if self._due(version):
+                    predictor = self._load(version)
+                    self._failed_loads.pop(version, None)
+                    self.waiting_for = None
+                    if damaged:
+                        log.info("loaded a champion; serving", extra=log_data(version=version))
+                    return predictor
+            except DamagedModelError as error:
+                damaged = True
+                self._load_failed(version, error, "champion is damaged; waiting for a good one")
+            except Exception as error:
+                if not damaged:
+                    raise
+                log.warning(
+                    "champion check failed; still waiting for a loadable champion",
+                    extra=log_data(error=f"{type(error).__name__}: {error}"[:1000]),
+                )
+            if stop.wait(self.poll_s) or self._stop.is_set():
+                return None
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
@@ -140,6 +186,23 @@ class ModelSource:
                 continue
             self._try_load(version)
 
+    def _load_failed(self, version: str, error: Exception, message: str) -> None:
+        """Log and count a version that failed to load; it is tried again after a backoff."""
+        count = self._failed_loads.get(version, (0, 0.0))[0] + 1
+        retry_s = min(MAX_RETRY_S, self.poll_s * 2**count)
+        self._failed_loads[version] = (count, time.monotonic() + retry_s)
+        current = self.current.identity.version if self.current is not None else None
+        damaged = isinstance(error, DamagedModelError)
+        # A damaged file's message names the version, the file and `mmops rollback`.
+        text = str(error) if damaged else f"{type(error).__name__}: {error}"
+        if self.current is None:
+            self.waiting_for = f"v{version}: {text}"[:1000]
+        log.error(
+            message,
+            extra=log_data(version=version, serving=current, error=text[:1000], retry_in_s=retry_s),
+        )
+        self.on_failure("damaged" if damaged else "load", version)
+
     def _due(self, version: str) -> bool:
         failures = self._failed_loads.get(version)
         return failures is None or time.monotonic() >= failures[1]
@@ -148,20 +211,9 @@ class ModelSource:
         try:
             predictor = self._load(version)
         except Exception as error:
-            count = self._failed_loads.get(version, (0, 0.0))[0] + 1
-            retry_s = min(MAX_RETRY_S, self.poll_s * 2**count)
-            self._failed_loads[version] = (count, time.monotonic() + retry_s)
-            current = self.current.identity.version if self.current is not None else None
-            log.error(
-                "champion fails to load; still serving the current model",
-                extra=log_data(
-                    version=version,
-                    serving=current,
-                    error=f"{type(error).__name__}: {error}"[:1000],
-                    retry_in_s=retry_s,
-                ),
+            self._load_failed(
+                version, error, "champion fails to load; still serving the current model"
             )
-            self.on_failure("load", version)
             return
         self._failed_loads.pop(version, None)
         with self._lock:

@@ -127,7 +127,12 @@ class StreamServer:
 
     def run(self, max_events: int | None = None) -> ServeStats:
         """Serve until stopped, or until `max_events` events have been handled."""
-        predictor = self.models.load()
+        # A damaged champion is waited out (beating, so the probe knows it waits) until the
+        # alias moves to a version that loads; None: stopped while waiting.
+        predictor = self.models.load(self._stop, self.liveness.beat)
+        if predictor is None:
+            self.models.close()
+            return self.stats
         self.metrics.set_model(predictor)
         self.stats.versions.append(predictor.identity.version)
         log.info(

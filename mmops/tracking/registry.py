@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -27,6 +28,8 @@ from mmops.config import Params
 from mmops.environment import mlflow_client, tracking_uri
 from mmops.evaluation.records import BaselineResult, ClassificationMetrics, ZeroShotResult
 from mmops.export.records import ExportReport
+from mmops.model.digests import DIGESTS_FILE
+from mmops.serving.integrity import DIGESTS_TAG, read_manifest
 from mmops.tracking import history as champion_log
 from mmops.tracking.gate import Verdict, gate, score
 from mmops.tracking.lease import LeaseTimeout, promotion_lease
@@ -72,12 +75,43 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     version = _registered_from(name, model_uri)
     if version is None:
         mlflow.set_tracking_uri(tracking_uri())
-        tags = {**tags, SOURCE_TAG: model_uri}
+        tags = {**tags, SOURCE_TAG: model_uri, **digests_tag(model_uri)}
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     c = mlflow_client()
     c.update_model_version(name, version, description=version_description(tags))
     c.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def digests_tag(model_uri: str) -> dict[str, str]:
+    """The DIGESTS_TAG of a version: the digests in the manifest logged with the model's files,
+    kept apart from them so a manifest altered later is caught. Empty for a model without one.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(model_uri)
+    # The model folder is the pyfunc's artifact (artifacts/<folder>/), or the root itself.
+    folders = ["", *(f.path for f in repo.list_artifacts("artifacts") if f.is_dir)]
+    for folder in folders:
+        names = {Path(f.path).name for f in repo.list_artifacts(folder or None)}
+        if DIGESTS_FILE not in names:
+            continue
+        with tempfile.TemporaryDirectory(prefix="mmops-digests-") as download:
+            path = f"{folder}/{DIGESTS_FILE}" if folder else DIGESTS_FILE
+            files = read_manifest(Path(repo.download_artifacts(path, download)).parent).files
+        if files is None:
+            break
+        value = json.dumps(files, sort_keys=True, separators=(",", ":"))
+        if len(value) > TAG_VALUE_LIMIT:
+            log.warning(
+                "%s: %d files' digests exceed a tag; only its digests.json records them",
+                model_uri,
+                len(files),
+            )
+            return {}
+        return {DIGESTS_TAG: value}
+    log.warning("%s: no %s; the version is registered without digests", model_uri, DIGESTS_FILE)
+    return {}
 
 
 def version_description(tags: dict[str, str]) -> str:

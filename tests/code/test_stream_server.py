@@ -210,7 +210,7 @@ class FakeModels(ModelSource):
         super().__init__("models:/fake@champion", PredictConfig(threads=1), 3600.0)
         self.first = predictor
 
-    def load(self) -> Any:
+    def load(self, stop: Any = None, beat: Any = None) -> Any:
         self.current = self.first  # type: ignore[assignment]
         return self.current
 

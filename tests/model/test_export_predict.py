@@ -22,6 +22,7 @@ from mmops.evaluation.evaluate import evaluate_model
 from mmops.export.exporter import export_model
 from mmops.export.parity import parity
 from mmops.export.records import ExportReport
+from mmops.model.digests import write_digests
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import EXPORT_FILE, ONNX_FILES, Outputs
 from mmops.training.train import TrainResult
@@ -132,6 +133,7 @@ def test_auto_backend_serves_what_the_gate_chose(
     rejected = tmp_path / "rejected"
     shutil.copytree(out, rejected)
     (rejected / EXPORT_FILE).write_text(json.dumps({**report.to_dict(), "serving": "fp32"}))
+    write_digests(rejected)  # as the export records its verdict
     fp32 = Predictor(rejected)
     torch_predictor = Predictor(rejected, backend="torch")
     assert fp32.backend == "fp32"
