@@ -27,6 +27,7 @@ from mmops.tracking import registry
 from mmops.tracking.evaluate_run import tracked_evaluate
 from mmops.tracking.export_run import tracked_export
 from mmops.tracking.gate import Verdict
+from mmops.tracking.orphans import close_orphaned_runs
 from mmops.tracking.search_space import with_overrides
 from mmops.tracking.train_run import tracked_train
 from mmops.tracking.tune import SearchResult, record_search, tune
@@ -127,6 +128,7 @@ def retrain_and_evaluate(
     """Retrain on the data, evaluate, export, register, and promote only past the gate."""
     with mmops_logs_to_prefect():
         params = resolve_params(params_file, overrides or [])
+        close_orphaned_runs(params)  # runs an earlier, killed flow left RUNNING
         name = params.tracking.registered_model
         out = run_folder(out_dir)
         version_info = resolve_data_version(data_dir)

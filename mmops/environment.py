@@ -49,7 +49,24 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "AWS_SECRET_ACCESS_KEY": "S3 credentials (a secret)",
     "AWS_DEFAULT_REGION": "S3 region",
     "AWS_ENDPOINT_URL": "S3-compatible endpoint (MinIO) for DVC's S3 remote",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": (
+        "seconds per HTTP request to the tracking server; unset: tracking.request_timeout_s"
+    ),
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "retries of a failed request; unset: tracking.max_retries",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": (
+        "seconds of backoff between retries (int); unset: tracking.backoff_factor"
+    ),
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": (
+        "random seconds added to each backoff; unset: tracking.backoff_jitter"
+    ),
+    "MLFLOW_RUN_CONTEXT": (
+        "JSON tags MLflow puts on each new run; mmops adds its host and pid (`mmops doctor`)"
+    ),
     "PREFECT_API_URL": "Prefect server API; unset: a temporary local API per flow run",
+    "PREFECT_API_REQUEST_TIMEOUT": (
+        "seconds per request to the Prefect API (Prefect's default 60), read when prefect loads"
+    ),
+    "PREFECT_CLIENT_MAX_RETRIES": "retries of a failed Prefect API request (Prefect's default 5)",
     "PREFECT_API_KEY": "Prefect Cloud API key (a secret)",
     "PREFECT_API_DATABASE_CONNECTION_URL": "Prefect server database (PostgreSQL in production)",
     "PREFECT_SERVER_API_HOST": "address the Prefect server listens on",

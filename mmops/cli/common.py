@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -75,6 +76,11 @@ def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
     if _raised(exc, "mmops.serving.integrity.DamagedModelError"):
         # Not the user's typo: the model's files are not the ones recorded; exit 1, as a fault.
         return UserError(exc.message, exc.hint, code=1)  # type: ignore[attr-defined]
+    if (full := _no_room(exc)) is not None:
+        return full
+    # Before RegistryError: the registry turns some MLflow errors into its own, `from None`.
+    if (down := _tracking_outage(exc)) is not None:
+        return down
     if _raised(exc, "mmops.tracking.registry.RegistryError"):
         return UserError(
             str(exc), "`mmops models` lists the registered versions; `mmops retrain` adds one"
@@ -97,6 +103,55 @@ def explain(exc: Exception, params: dict[str, Any]) -> UserError | None:
         message = str(exc).strip().splitlines()[0]
         ref = params.get("model")
         return UserError(f"model {ref}: {message}" if ref else message, MODEL_HINT)
+    return None
+
+
+TRACKING_HINT = (
+    "start the server, or point MLFLOW_TRACKING_URI at a running one (`mmops up` serves one "
+    "locally); tracking.request_timeout_s and tracking.max_retries bound the wait"
+)
+
+
+def _tracking_outage(exc: Exception) -> UserError | None:
+    """A tracking server that did not answer, after MLflow's retries: exit 1, as a fault."""
+    if "requests" not in sys.modules:  # no HTTP request was made
+        return None
+    from mmops.environment import tracking_uri
+    from mmops.tracking.deadlines import outage
+
+    down = outage(exc, tracking_uri())
+    if down is None:
+        return None
+    if down.endpoint and down.endpoint.startswith("artifacts/"):
+        # The server answers, then drops an upload it cannot store: the client sees no cause.
+        message = (
+            f"MLflow tracking server {down.server}: storing {down.endpoint} failed "
+            f"({down.cause}); its artifact store may be full or not writable"
+        )
+        return UserError(message, ARTIFACT_HINT, code=1)
+    what = f"calling {down.endpoint}" if down.endpoint else "talking to it"
+    message = f"MLflow tracking server {down.server}: unreachable ({down.cause}) while {what}"
+    return UserError(message, TRACKING_HINT, code=1)
+
+
+ARTIFACT_HINT = (
+    "see the server's log and free space where it stores artifacts; the run is marked FAILED "
+    "and nothing was registered, so the command can simply run again"
+)
+# A write the disk refused: full, over quota, read-only, over the file size limit.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _no_room(exc: BaseException) -> UserError | None:
+    """A write refused for lack of room (anywhere in the chain of causes): exit 1, a fault."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in NO_ROOM:
+            where = f"{cause.filename}: " if cause.filename else ""
+            return UserError(f"{where}{cause.strerror or cause}", ARTIFACT_HINT, code=1)
+        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -183,7 +238,12 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def load_command_params(path: Path | None, overrides: list[str] | None) -> Params:
-    return resolve_params(path, overrides or [])
+    from mmops.tracking.deadlines import apply_deadlines
+
+    params = resolve_params(path, overrides or [])
+    # Every command that reaches MLflow gives up within the deadlines in params (tracking).
+    apply_deadlines(params.tracking)
+    return params
 
 
 def say(message: str) -> None:

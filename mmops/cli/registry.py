@@ -1,5 +1,5 @@
 """Commands of the registry: the retrain flow and its schedule, versions, promotion, rollback,
-and the champion summary."""
+the promotion lease, and the champion summary."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import typer
 from mmops.cli.common import (
     JsonOption,
     ParamsOption,
+    ReportingCommand,
     SetOption,
     UserError,
+    app,
     command,
     load_command_params,
     say,
@@ -107,8 +109,10 @@ def models(
     versions = list_versions(name)
     if not versions:
         from mmops.environment import tracking_uri
+        from mmops.tracking.deadlines import redacted
 
-        say(f"{name}: no registered versions in {tracking_uri()} (`mmops retrain` adds one)")
+        where = redacted(tracking_uri())  # never a password in the URI
+        say(f"{name}: no registered versions in {where} (`mmops retrain` adds one)")
     for v in versions:
         tags = v["tags"]
         say(
@@ -119,6 +123,47 @@ def models(
         )
     if as_json:
         typer.echo(json.dumps({"model": name, "versions": versions}))
+
+
+lease_app = typer.Typer(
+    no_args_is_help=True,
+    help="The promotion lease on a registered model: what promote and the gate hold.",
+)
+app.add_typer(lease_app, name="lease")
+
+
+@lease_app.command("release", cls=ReportingCommand)
+def lease_release(
+    model: Annotated[str, typer.Argument(help="registered model name")],
+    force: Annotated[
+        bool, typer.Option("--force", help="delete the lease even if its holder may be alive")
+    ] = False,
+) -> None:
+    """Free the promotion lease of a holder that is gone (a promote killed while holding it)."""
+    import time
+
+    from mmops.environment import mlflow_client
+    from mmops.tracking.lease import Lease, read_lease, release_lease
+
+    client = mlflow_client()
+    try:
+        held = release_lease(client, model) if force else read_lease(client, model)
+    except LookupError:
+        raise UserError(
+            f"{model}: no such registered model",
+            "give the registered model's name (params.yaml tracking.registered_model)",
+        ) from None
+    if held is None:
+        say(f"{model}: no promotion lease is held; nothing to release")
+        return
+    holder = Lease(**held).describe(time.time())
+    if not force:
+        raise UserError(
+            f"{model}: the promotion lease is held by {holder}; not released",
+            f"if that holder is gone, `mmops lease release {model} --force` frees it; a holder "
+            "still at work would then promote without it",
+        )
+    say(f"{model}: released the promotion lease held by {holder}")
 
 
 @command()

@@ -208,8 +208,11 @@ class StreamConfig:
     session_timeout_ms: int = 10_000
     auto_offset_reset: str = "earliest"  # where a new group starts: earliest | latest
     metrics_port: int = 9108  # Prometheus /metrics and the liveness probe /healthz; 0 disables
-    # /healthz fails once the serving loop or a batch's prediction is stuck this long.
+    # /healthz fails once the serving loop or a batch's prediction is stuck this long, or events
+    # wait and none has been acknowledged for this long.
     liveness_timeout_s: float = 120.0
+    # A Kafka request's deadline; a client failing for 3x this without a success is rebuilt.
+    client_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         sizes = (self.partitions, self.max_batch, self.workers, self.max_event_bytes)
@@ -218,10 +221,12 @@ class StreamConfig:
                 "stream: partitions, max_batch, max_batch_bytes, workers, max_event_bytes and "
                 "max_id_chars must be >= 1"
             )
-        if self.max_wait_ms < 0 or self.model_poll_s <= 0 or self.liveness_timeout_s <= 0:
+        if self.max_wait_ms < 0 or min(self.model_poll_s, self.liveness_timeout_s) <= 0:
             raise ConfigError(
                 "stream: max_wait_ms must be >= 0, model_poll_s and liveness_timeout_s > 0"
             )
+        if self.client_timeout_s < 1:
+            raise ConfigError("stream.client_timeout_s: must be >= 1 (seconds)")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("stream.auto_offset_reset: must be earliest or latest")
         if not 0 <= self.metrics_port < 65536:
@@ -266,10 +271,33 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Names in MLflow; the tracking URI itself comes from MLFLOW_TRACKING_URI."""
+    """Names in MLflow and how long to wait on its server; the URI is MLFLOW_TRACKING_URI's."""
 
     experiment: str = "mmops"
     registered_model: str = "mmops-classifier"
+    # One call to a hung server gives up after at most 6 x 20 s + 4 + 8 + 16 + 32 s of backoff
+    # + jitter, about 3 minutes (MLflow's own defaults wait about 20); a refused one after the
+    # waits alone, about 1 minute: a server restarting within that is waited for. MLflow reads
+    # the first three as ints; MLFLOW_HTTP_REQUEST_* set in the environment win over these.
+    request_timeout_s: int = 20  # per connect or read of one HTTP request
+    max_retries: int = 5
+    backoff_factor: int = 2  # seconds; waits 0, 2x, 4x ... between tries
+    backoff_jitter: float = 1.0  # up to this many seconds added to each wait
+    # `mmops doctor`: a RUNNING run from another host (or reopened) idle this long is orphaned.
+    orphan_after_s: int = 6 * 3600
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s < 1:
+            raise ConfigError("tracking.request_timeout_s: must be >= 1")
+        # MLflow refuses more (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT, ..._BACKOFF_FACTOR_LIMIT).
+        if not 0 <= self.max_retries <= 10:
+            raise ConfigError("tracking.max_retries: must be between 0 and 10")
+        if not 0 <= self.backoff_factor <= 120:
+            raise ConfigError("tracking.backoff_factor: must be between 0 and 120")
+        if self.backoff_jitter < 0:
+            raise ConfigError("tracking.backoff_jitter: must be >= 0")
+        if self.orphan_after_s < 60:
+            raise ConfigError("tracking.orphan_after_s: must be >= 60")
 
 
 @dataclass(frozen=True)

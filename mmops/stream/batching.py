@@ -68,6 +68,11 @@ class Batches:
         return 0 if self.full else self.max_batch - len(self.open)
 
     @property
+    def in_hand(self) -> int:
+        """Messages polled and not yet sent."""
+        return sum(len(f.batch) for f in self.flights) + len(self.open) + len(self.waiting)
+
+    @property
     def idle(self) -> bool:
         return not self.open and not self.flights
 

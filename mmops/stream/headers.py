@@ -10,10 +10,10 @@ kafka-python by tests/integration/test_stream.py.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from mmops.stream.patches import marker, wrap_once
 
 # Marks a record read with escaped header keys; its value: the indexes of the bad keys.
 ESCAPED_HEADER = "mmops.escaped.header_keys"
@@ -26,34 +26,28 @@ def tolerate_header_keys() -> bool:
         from kafka.record import default_records
     except ImportError:
         return False
+
+    def wrap(strict: Callable[..., Any]) -> Callable[..., Any]:
+        def read_msg(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start = self._pos
+            try:
+                return strict(self, *args, **kwargs)
+            except UnicodeDecodeError:
+                self._pos = start  # the strict reader moves it only once a record is complete
+                return _read_escaped(self, default_records)
+
+        return read_msg
+
     batch = getattr(default_records, "DefaultRecordBatch", None)
-    strict = getattr(batch, "_read_msg", None)
-    if strict is None:
-        log.warning("kafka-python has no DefaultRecordBatch._read_msg; header keys read strictly")
-        return False
-    if getattr(strict, "tolerant", False):
-        return True
-
-    def read_msg(self: Any, *args: Any, **kwargs: Any) -> Any:
-        start = self._pos
-        try:
-            return strict(self, *args, **kwargs)
-        except UnicodeDecodeError:
-            self._pos = start  # the strict reader moves it only once a record is complete
-            return _read_escaped(self, default_records)
-
-    read_msg.tolerant = True  # type: ignore[attr-defined]
-    batch._read_msg = read_msg  # type: ignore[union-attr]
-    return True
+    return wrap_once(batch, "_read_msg", wrap, "header keys are read strictly")
 
 
 def escaped_keys(headers: Any) -> str | None:
     """The marker a record read with escaped header keys carries: which keys, else None."""
-    for item in headers or []:
-        if isinstance(item, tuple | list) and len(item) == 2 and item[0] == ESCAPED_HEADER:
-            value = item[1]
-            return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-    return None
+    value = marker(headers, ESCAPED_HEADER)
+    if value is None:
+        return None
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _read_escaped(batch: Any, records: Any) -> Any:

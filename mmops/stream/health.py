@@ -1,8 +1,11 @@
-"""The consumer's liveness: is the serving loop turning, and is no prediction stuck?
+"""The consumer's liveness: is the serving loop turning, and does what waits get served?
 
 `/healthz` answers from the loop's own heartbeats, not from the thread that serves `/metrics`,
 so a consumer stalled in a call or on a prediction that never returns fails its probe and is
-restarted. Waiting for the brokers is not a stall: the loop keeps beating while it retries.
+restarted. Waiting for the brokers is not a stall by itself: the loop keeps beating while it
+retries. But events waiting with no prediction acknowledged for the timeout fail the probe
+whatever the cause (a client in a state it cannot leave, a broker that takes reads and refuses
+writes): a restart is then the best left to try. `/readyz` is 503 until a model serves.
 """
 
 from __future__ import annotations
@@ -26,14 +29,33 @@ class Liveness:
         self.timeout_s = timeout_s
         self.clock = clock
         self.last_beat = clock()
+        self.last_ack = clock()
         self.started = False
+        self.not_ready: str | None = "starting"  # why /readyz fails; None once a model serves
+        self._waiting = 0
+        self._waiting_since = clock()
         self._running: dict[int, float] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """The model is loaded and the serving loop begins: the plain timeout applies."""
         self.started = True
+        self.not_ready = None
         self.beat()
+        self.acked()
+
+    def acked(self) -> None:
+        """The broker acknowledged a batch's output."""
+        self.last_ack = self.clock()
+
+    def waiting(self, events: int) -> None:
+        """How many events wait to be served: in hand, or behind the partitions' ends."""
+        if events > 0 and self._waiting <= 0:
+            self._waiting_since = self.clock()
+        self._waiting = events
+
+    def since_ack(self) -> float:
+        return self.clock() - self.last_ack
 
     def beat(self) -> None:
         """The serving loop went round once (or is waiting on the brokers, not stuck)."""
@@ -57,6 +79,9 @@ class Liveness:
             return None
         if now - self.last_beat > self.timeout_s:
             return f"serving loop stuck for {now - self.last_beat:.0f} s"
+        unserved = now - max(self.last_ack, self._waiting_since)
+        if self._waiting > 0 and unserved > self.timeout_s:
+            return f"{self._waiting} events wait and none was acknowledged for {unserved:.0f} s"
         with self._lock:
             oldest = min(self._running.values(), default=now)
         if now - oldest > self.timeout_s:
@@ -74,12 +99,16 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def health_app(liveness: Liveness, metrics_app: Callable[..., Iterable[bytes]]) -> Any:
-    """A WSGI app: `/healthz` from `liveness`, everything else the Prometheus exposition."""
+    """A WSGI app: `/healthz` and `/readyz` from `liveness`, everything else the Prometheus
+    exposition."""
 
     def app(request: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if request.get("PATH_INFO") != "/healthz":
+        path = request.get("PATH_INFO")
+        if path not in ("/healthz", "/readyz"):
             return metrics_app(request, start_response)
         problem = liveness.problem()
+        if path == "/readyz":
+            problem = liveness.not_ready or problem
         status = "503 Service Unavailable" if problem else "200 OK"
         start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
         return [(problem or "ok").encode() + b"\n"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mmops.serving.predictor import Predictor
@@ -66,7 +67,28 @@ class StreamMetrics:
             ["stage", "version"],
             registry=r,
         )
+        self._client_metrics()
         self._server: Any = None
+
+    def _client_metrics(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.broker_connected = Gauge(
+            "mmops_stream_broker_connected",
+            "1 while the consumer holds a connection to a broker",
+            registry=self.registry,
+        )
+        self.since_ack = Gauge(
+            "mmops_stream_seconds_since_last_ack",
+            "Seconds since the broker last acknowledged a batch's output (or serving began)",
+            registry=self.registry,
+        )
+        self.client_rebuilds = Counter(
+            "mmops_stream_client_rebuilds",
+            "Kafka clients replaced because they could not recover by themselves",
+            ["client"],
+            registry=self.registry,
+        )
 
     def serve(self, port: int, liveness: Liveness | None = None) -> None:
         """Expose /metrics, and /healthz from `liveness`, on `port` (all interfaces, for a
@@ -75,6 +97,11 @@ class StreamMetrics:
 
         app = make_wsgi_app(self.registry)
         self._server = serve_http(app if liveness is None else health_app(liveness, app), port)
+
+    def watch(self, liveness: Liveness, connected: Callable[[], bool | None]) -> None:
+        """Read the time since the last acknowledgement and the broker connection at scrape."""
+        self.since_ack.set_function(liveness.since_ack)
+        self.broker_connected.set_function(lambda: float(bool(connected())))
 
     def close(self) -> None:
         if self._server is not None:

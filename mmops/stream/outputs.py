@@ -63,10 +63,11 @@ def predict_messages(
     dead: list[tuple[Any, str, str]] = []
     for message in batch:
         try:
-            if (bad := escaped_keys(message.headers)) is not None:
-                raise EventError(f"headers: key {bad} is not UTF-8", "bad_header_key")
-            if (lost := undecodable_batch(message.headers)) is not None:
-                raise EventError(batch_error(lost), "undecodable_batch")
+            if message.headers:  # most events have none: nothing to look for
+                if (bad := escaped_keys(message.headers)) is not None:
+                    raise EventError(f"headers: key {bad} is not UTF-8", "bad_header_key")
+                if (lost := undecodable_batch(message.headers)) is not None:
+                    raise EventError(batch_error(lost), "undecodable_batch")
             events.append((message, decode_event(message.value, max_event_bytes, max_id_chars)))
         except EventError as error:
             dead.append((message, error.reason, str(error)))
@@ -141,13 +142,14 @@ class Outgoing:
 
 
 def send_outputs(
-    producer: Any,
+    producer: Callable[[], Any],
     cfg: StreamConfig,
     served: Served,
     keep_trying: Callable[[BaseException, float], bool] = lambda error, delay: False,
 ) -> Served:
-    """Send a batch's predictions and dead letters (with the event's own bytes and headers);
-    returns once the broker acknowledged them all, with what was sent.
+    """Send a batch's predictions and dead letters (with the event's own bytes and headers)
+    with `producer()` (read on each try: `keep_trying` may replace a stuck producer); returns
+    once the broker acknowledged them all, with what was sent.
 
     A record the broker can never take (too large, a bad topic, no rights, bad headers) is
     replaced by a small dead letter. Sends that failed for a reason that may pass (a broker away,
@@ -194,7 +196,7 @@ def _dead(cfg: StreamConfig, message: Any, reason: str, error: str, letter: Dead
 
 
 def _send_acked(
-    producer: Any,
+    producer: Callable[[], Any],
     records: Sequence[Outgoing],
     keep_trying: Callable[[BaseException, float], bool],
 ) -> list[tuple[Outgoing, BaseException]]:
@@ -202,7 +204,7 @@ def _send_acked(
     refused: list[tuple[Outgoing, BaseException]] = []
     pending, delay = list(records), 0.5
     while pending:
-        failed = _send_once(producer, pending, refused)
+        failed = _send_once(producer(), pending, refused)
         if not failed:
             break
         error = failed[0][1]

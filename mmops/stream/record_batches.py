@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mmops.stream.logs import log_data
+from mmops.stream.patches import marker, wrap_once
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +37,27 @@ def tolerate_undecodable_batches() -> bool:
         from kafka.consumer.fetcher import Fetcher
     except ImportError:
         return False
+
+    def wrap(strict: Callable[..., Any]) -> Callable[..., Any]:
+        def unpack(self: Any, tp: Any, records: Any, *args: Any, **kwargs: Any) -> Any:
+            return strict(self, tp, _TolerantRecords(records, tp), *args, **kwargs)
+
+        return unpack
+
     partition_records = getattr(Fetcher, "PartitionRecords", None)
-    strict = getattr(partition_records, "_unpack_records", None)
-    if strict is None:
-        log.warning("kafka-python has no PartitionRecords._unpack_records; bad batches stall")
-        return False
-    if getattr(strict, "tolerant", False):
-        return True
-
-    def unpack(self: Any, tp: Any, records: Any, *args: Any, **kwargs: Any) -> Any:
-        return strict(self, tp, _TolerantRecords(records, tp), *args, **kwargs)
-
-    unpack.tolerant = True  # type: ignore[attr-defined]
-    partition_records._unpack_records = unpack  # type: ignore[union-attr]
-    return True
+    return wrap_once(partition_records, "_unpack_records", wrap, "undecodable batches stall")
 
 
 def undecodable_batch(headers: Any) -> dict[str, Any] | None:
     """What the marker of an undecodable batch says (offsets, codec, error), else None."""
-    for item in headers or []:
-        if isinstance(item, tuple | list) and len(item) == 2 and item[0] == UNDECODABLE_HEADER:
-            try:
-                found = json.loads(item[1])
-            except (TypeError, ValueError):
-                return {"error": "unreadable marker"}
-            return found if isinstance(found, dict) else {"error": "unreadable marker"}
-    return None
+    value = marker(headers, UNDECODABLE_HEADER)
+    if value is None:
+        return None
+    try:
+        found = json.loads(value)
+    except (TypeError, ValueError):
+        return {"error": "unreadable marker"}
+    return found if isinstance(found, dict) else {"error": "unreadable marker"}
 
 
 class _TolerantRecords:

@@ -25,7 +25,7 @@ from mmops.config import Params, PredictConfig, StreamConfig
 from mmops.serving.predictor import Predictor
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
 from mmops.stream.champion import ModelSource
-from mmops.stream.clients import client_factories, connect
+from mmops.stream.clients import StreamClients, broker_connected, client_factories
 from mmops.stream.health import Liveness
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
@@ -103,19 +103,22 @@ class StreamServer:
         self.models.on_failure = self._model_failed
         self.stats = ServeStats()
         self.liveness = Liveness(self.cfg.liveness_timeout_s)
-        self._factories = (consumer_factory, producer_factory)
         self._stop = threading.Event()
-        self.consumer: Any = None
-        self.producer: Any = None
+        self._revoked = threading.Event()  # set by the group's listener, on the client's thread
+        factories = client_factories(consumer_factory, producer_factory)
+        self.clients = StreamClients(
+            self.kafka, self.cfg, factories, self._stop, self._revoked, self.liveness.beat
+        )
+        self.metrics.watch(self.liveness, self._connected)
         self._workers: ThreadPoolExecutor | None = None
         # Owned by the thread in `run`.
+        self._lag: dict[tuple[str, int], int] = {}
         self._batches = Batches(
             self.cfg.max_batch,
             self.cfg.max_wait_ms,
             self.cfg.workers,
             max_bytes=self.cfg.max_batch_bytes,
         )
-        self._revoked = threading.Event()  # set by the group's listener, on the client's thread
 
     def stop(self) -> None:
         """Finish the batches in hand, commit them and leave; safe from a signal handler."""
@@ -125,10 +128,19 @@ class StreamServer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def consumer(self) -> Any:
+        return self.clients.consumer
+
+    @property
+    def producer(self) -> Any:
+        return self.clients.producer
+
     def run(self, max_events: int | None = None) -> ServeStats:
         """Serve until stopped, or until `max_events` events have been handled."""
         # A damaged champion is waited out (beating, so the probe knows it waits) until the
         # alias moves to a version that loads; None: stopped while waiting.
+        self.liveness.not_ready = "loading the model"
         predictor = self.models.load(self._stop, self.liveness.beat)
         if predictor is None:
             self.models.close()
@@ -179,15 +191,26 @@ class StreamServer:
                     "broker error; retrying the batch",
                     extra=log_data(error=f"{type(error).__name__}: {error}", retry_in_s=backoff),
                 )
+                client = "producer" if isinstance(error, DeliveryError) else "consumer"
+                if self._client_failed(client, error):
+                    backoff = 0.5  # a new client: no reason to wait longer
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            self.liveness.waiting(self._batches.in_hand + self._lag_total())
 
     def _connect(self) -> None:
-        factories = client_factories(*self._factories)
-        beat, revoked = self.liveness.beat, self._revoked
-        self.consumer, self.producer = connect(
-            self.kafka, self.cfg, factories, self._stop, revoked, beat, self.producer
-        )
+        self.clients.connect()
+
+    def _connected(self) -> bool | None:
+        consumer = self.clients.consumer
+        return consumer is not None and broker_connected(consumer) is not False
+
+    def _client_failed(self, client: str, error: BaseException) -> bool:
+        """Count a client's failure; True when it was stuck and has been replaced."""
+        if self.stopping or not self.clients.failed(client, error):
+            return False
+        self.metrics.client_rebuilds.labels(client).inc()
+        return True
 
     def _step(self, max_events: int | None = None) -> None:
         if not self._batches.flights:
@@ -228,6 +251,7 @@ class StreamServer:
         """Poll into the open batch: up to max_batch messages, max_wait_ms after its first."""
         batches = self._batches
         polled = self.consumer.poll(timeout_ms=batches.poll_timeout_ms(), max_records=batches.room)
+        self.clients.succeeded("consumer")
         messages = [m for ms in polled.values() for m in ms]
         if self._revoked.is_set():
             # A rebalance inside the poll: partitions that moved are read by their new owner from
@@ -274,7 +298,9 @@ class StreamServer:
 
     def _send(self, batch: Sequence[Any], served: Served) -> None:
         """Send a batch's predictions and dead letters; once all are acknowledged, commit it."""
-        served = send_outputs(self.producer, self.cfg, served, self._keep_sending)
+        served = send_outputs(lambda: self.clients.producer, self.cfg, served, self._keep_sending)
+        self.clients.succeeded("producer")
+        self.liveness.acked()
         acked = time.time()
         for message, _, _ in served.predictions:
             self.metrics.end_to_end.observe(max(0.0, acked - message.timestamp / 1000))
@@ -290,8 +316,9 @@ class StreamServer:
         self._commit(batch)
 
     def _keep_sending(self, error: BaseException, delay: float) -> bool:
-        """After a send the broker may yet take failed: wait `delay` and try again, unless
-        stopping (then the batch stays uncommitted and is served again after a restart)."""
+        """After a send the broker may yet take failed: wait `delay` and try again (with a new
+        producer if this one is stuck), unless stopping (then the batch stays uncommitted and
+        is served again after a restart)."""
         self.metrics.errors.labels(type(error).__name__).inc()
         self.stats.retries += 1
         log.warning(
@@ -299,6 +326,8 @@ class StreamServer:
             extra=log_data(error=f"{type(error).__name__}: {error}", retry_in_s=delay),
         )
         self.liveness.beat()  # waiting for the brokers, not stuck
+        if self._client_failed("producer", error):
+            delay = 0.0
         return not self._stop.wait(delay)
 
     def _model_failed(self, stage: str, version: str) -> None:
@@ -349,21 +378,23 @@ class StreamServer:
                 extra=log_data(error=f"{type(error).__name__}: {error}"),
             )
 
+    def _lag_total(self) -> int:
+        """Events behind the assigned partitions' ends, as last measured."""
+        return sum(self._lag.values())
+
     def _record_lag(self) -> None:
+        self._lag = {}
         for partition in self.consumer.assignment():
             end = self.consumer.highwater(partition)
             if end is None:
                 continue
             position = self.consumer.position(partition, timeout_ms=100)
             if position is not None:
-                self.metrics.lag.labels(partition.topic, str(partition.partition)).set(
-                    max(0, end - position)
-                )
+                lag = max(0, end - position)
+                self._lag[(partition.topic, partition.partition)] = lag
+                self.metrics.lag.labels(partition.topic, str(partition.partition)).set(lag)
 
     def _close(self) -> None:
         self.models.close()
-        if self.consumer is not None:
-            self.consumer.close(autocommit=False)
-        if self.producer is not None:
-            self.producer.close(timeout=10)
+        self.clients.close()
         log.info("stopped", extra=log_data(**self.stats.to_dict()))

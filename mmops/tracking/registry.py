@@ -205,7 +205,9 @@ def list_versions(name: str) -> list[dict[str, Any]]:
     c = mlflow_client()
     try:
         aliases = c.get_registered_model(name).aliases
-    except MlflowException:
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise  # a server away or refusing is not an empty registry
         return []
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases.items():

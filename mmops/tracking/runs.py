@@ -11,9 +11,14 @@ import mlflow
 from mmops.config import Params
 from mmops.environment import tracking_uri
 from mmops.serving.references import RUN_FILE
+from mmops.tracking.deadlines import apply_deadlines
+from mmops.tracking.orphans import tag_runs_with_process
 
 
 def configure(params: Params) -> None:
+    """The store, its deadlines and the experiment; new runs carry this process's host and pid."""
+    apply_deadlines(params.tracking)
+    tag_runs_with_process()
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(params.tracking.experiment)
 

@@ -25,9 +25,9 @@ from transformers import (
 )
 
 from mmops.config import ModelConfig, Params
+from mmops.model.digests import DIGESTS_FILE
 from mmops.model.image_processing import DRAFT_FACTOR, SPEC_KEY, ImageSpec, image_spec_for
 from mmops.model.preprocess import Collator, Example, image_tensor, open_image
-from mmops.model.digests import DIGESTS_FILE
 from mmops.model.storage import META_FILE, load_model, save_model
 from mmops.serving.predictor import Predictor
 

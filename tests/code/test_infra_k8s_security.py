@@ -283,11 +283,12 @@ def test_training_pods_reach_each_other_on_every_port() -> None:
     assert all(p["port"] for p in service["spec"]["ports"])
 
 
-def test_consumer_probes_read_healthz_on_the_metrics_port() -> None:
-    """/metrics answers from its own thread even while the serving loop is stuck; /healthz not."""
+def test_consumer_probes_read_healthz_and_readyz_on_the_metrics_port() -> None:
+    """/metrics answers from its own thread even while the serving loop is stuck; /healthz not,
+    and /readyz also waits for a model to serve."""
     consumer = find("Deployment", "mmops-serve")
     [container] = consumer["spec"]["template"]["spec"]["containers"]
     ports = {p["name"] for p in container["ports"]}
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz" and get["port"] == "metrics" in ports, probe
+        assert get["path"] == path and get["port"] == "metrics" in ports, probe
