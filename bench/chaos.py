@@ -541,11 +541,10 @@ def registry(workdir: Path, artifacts: Path | None = None) -> Iterator[Registry]
 
 
 def one_error_line(stderr: str, *names: str) -> bool:
-    """The user saw one `error:` line naming each of `names`, and no traceback."""
+    """The user saw one `error:` line, naming each of `names` (the orchestrator's own log of a
+    failed task, with its traceback, may come before it: `tracebacks` counts those)."""
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    return (
-        len(errors) == 1 and all(name in errors[0] for name in names) and "Traceback" not in stderr
-    )
+    return len(errors) == 1 and all(name in errors[0] for name in names)
 
 
 def server_killed(r: Registry, command: str, restart_after_s: float | None) -> dict[str, Any]:
@@ -585,6 +584,7 @@ def server_killed(r: Registry, command: str, restart_after_s: float | None) -> d
         result["recovery_s"] = round(ended - returned, 1)  # to the command's success
         result["clear_error"] = process.returncode == 0
     result["error"] = _error_line(stderr)
+    result["tracebacks"] = stderr.count("Traceback (most recent call last)")
     if not result["clear_error"]:
         result["stderr_tail"] = stderr[-1500:]
     return result
@@ -602,6 +602,91 @@ def artifact_disk_full(r: Registry) -> dict[str, Any]:
         "running_left": len(r.runs("RUNNING")),
         "recovery_s": None,
         "error": _error_line(train.stderr),
+    }
+
+
+def artifact_disk_full_rerun(r: Registry, small: Path) -> dict[str, Any]:
+    """The same train once the store has room again: it succeeds with no hand step."""
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small)], check=True)
+    again = r.mmops("train", "--data", str(r.data), "--json", *_sets(DEADLINES))
+    return {"rerun_exit_code": again.returncode}
+
+
+def exported_model(r: Registry) -> Path:
+    """A trained and exported model folder, registered as v1 and champion."""
+    from mmops.tracking import registry as versions
+
+    trained = r.mmops("train", "--data", str(r.data), "--json", "--set", "train.epochs=2")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
+    exported = r.mmops("export", "--data", str(r.data), "--model", model_uri, "--json")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    result = json.loads(exported.stdout.strip().splitlines()[-1])
+    os.environ["MLFLOW_TRACKING_URI"] = r.server.url
+    versions.register(result["model_uri"], REGISTERED, {})
+    versions.promote(REGISTERED, "1", "chaos")
+    return r.workdir / "models" / "export"
+
+
+def damaged_file(r: Registry, folder: Path, damage: str) -> dict[str, Any]:
+    """`mmops predict` on a copy of an exported model whose served file is truncated or gone."""
+    import shutil
+
+    copy = r.workdir / f"damaged-{damage}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    served = json.loads((copy / "export.json").read_text())["serving"]
+    target = copy / {"int8": "model.int8.onnx", "fp32": "model.onnx"}.get(served, "model.onnx")
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.unlink()
+    out = r.workdir / f"predictions-{damage}.jsonl"
+    started = time.monotonic()
+    ran = r.mmops("predict", "--model", str(copy), "--data", str(r.data), "--out", str(out))
+    return {
+        "exit_code": ran.returncode,
+        "served": served,
+        "failed_after_s": round(time.monotonic() - started, 1),
+        # No silent backend switch: refused, naming the file, nothing predicted.
+        "clear_error": ran.returncode == 1 and one_error_line(ran.stderr, target.name),
+        "predictions_written": out.exists() and out.stat().st_size > 0,
+        "recovery_s": None,
+        "error": _error_line(ran.stderr),
+    }
+
+
+HOLDER = """
+import sys, time
+from mmops.environment import mlflow_client
+from mmops.tracking.lease import promotion_lease
+with promotion_lease(mlflow_client(), sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def lease_holder_killed(r: Registry) -> dict[str, Any]:
+    """A process holding the promotion lease SIGKILLed; then `mmops promote`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, REGISTERED],
+        env=r.env,
+        cwd=r.workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    killed = time.monotonic()
+    promoted = r.mmops("promote", "1", "--reason", "after a killed holder", timeout=3700)
+    took = round(time.monotonic() - killed, 1)
+    return {
+        "exit_code": promoted.returncode,
+        "recovery_s": took,  # from the kill to the next promote done
+        "clear_error": promoted.returncode == 0
+        and "taking over the promotion lease" in (promoted.stderr),
     }
 
 
@@ -651,13 +736,33 @@ def tracking_faults(names: list[str], workdir: Path) -> dict[str, dict[str, Any]
         else:
             try:
                 with registry(workdir / "disk", artifacts=small) as r:
-                    results["artifact_disk_full"] = artifact_disk_full(r)
+                    results["artifact_disk_full"] = {
+                        **artifact_disk_full(r),
+                        **artifact_disk_full_rerun(r, small),
+                    }
             finally:
                 unmount(small)
+    model_faults = ("int8_truncated", "int8_deleted", "lease_holder_killed")
+    if set(model_faults) & set(names):
+        with registry(workdir / "models") as r:
+            folder = exported_model(r)
+            for damage in ("truncated", "deleted"):
+                if f"int8_{damage}" in names:
+                    results[f"int8_{damage}"] = damaged_file(r, folder, damage)
+            if "lease_holder_killed" in names:
+                results["lease_holder_killed"] = lease_holder_killed(r)
     return results
 
 
-TRACKING_FAULTS = ["mlflow_down", "mlflow_down_retrain", "mlflow_restarted", "artifact_disk_full"]
+TRACKING_FAULTS = [
+    "mlflow_down",
+    "mlflow_down_retrain",
+    "mlflow_restarted",
+    "artifact_disk_full",
+    "int8_truncated",
+    "int8_deleted",
+    "lease_holder_killed",
+]
 
 
 def run_faults(
