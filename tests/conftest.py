@@ -196,3 +196,32 @@ def clip_run(
     out = tmp_path_factory.mktemp("clip-model")
     result = train(demo_dir, params, out_dir=out, progress=False, validation=demo_validation)
     return params, result
+
+
+@pytest.fixture(scope="session")
+def train_and_export(
+    demo_dir: Path, tiny_overrides: tuple[str, ...]
+) -> Callable[..., tuple[str, dict[str, str]]]:
+    """A function that validates the demo data, trains a tiny model and exports it with the real
+    CLI, in the working directory and MLflow store the caller set up; returns the trained
+    model's URI and the export's JSON (`model_uri`, `serving`, ...)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmops.cli import app
+
+    def run(*overrides: str) -> tuple[str, dict[str, str]]:
+        runner = CliRunner()
+        args = [arg for item in (*tiny_overrides, *overrides) for arg in ("--set", item)]
+        validate = ["validate", str(demo_dir), "--out", "reports/validate", *args]
+        assert runner.invoke(app, validate).exit_code == 0  # training reads its report
+        trained = runner.invoke(app, ["train", "--data", str(demo_dir), *args, "--json"])
+        assert trained.exit_code == 0, trained.output
+        train_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
+        command = ["export", "--data", str(demo_dir), "--model", train_uri, *args, "--json"]
+        exported = runner.invoke(app, command)
+        assert exported.exit_code == 0, exported.output
+        return train_uri, json.loads(exported.stdout.strip().splitlines()[-1])
+
+    return run

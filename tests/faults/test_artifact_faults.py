@@ -18,9 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from typer.testing import CliRunner
 
-from mmops.cli import app
 from mmops.config import PredictConfig
 from mmops.model.digests import DIGESTS_FILE, write_manifest
 from mmops.model.storage import META_FILE
@@ -50,28 +48,19 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+    demo_dir: Path,
+    train_and_export: Callable[..., tuple[str, dict[str, str]]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Store]:
     """A tiny model trained and exported: v1 (the export, champion) and v2 (the torch model)."""
     workdir = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     previous_uri = mlflow.get_tracking_uri()
-    runner = CliRunner()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MMOPS_LOCK_DIR", str(workdir))
-        args = [arg for item in (*tiny_overrides, "train.epochs=2") for arg in ("--set", item)]
-        validate = ["validate", str(demo_dir), "--out", "reports/validate", *args]
-        assert runner.invoke(app, validate).exit_code == 0
-        trained = runner.invoke(app, ["train", "--data", str(demo_dir), *args, "--json"])
-        assert trained.exit_code == 0, trained.output
-        train_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
-        exported = runner.invoke(
-            app, ["export", "--data", str(demo_dir), "--model", train_uri, *args, "--json"]
-        )
-        assert exported.exit_code == 0, exported.output
-        result = json.loads(exported.stdout.strip().splitlines()[-1])
+        train_uri, result = train_and_export("train.epochs=2")
         assert registry.register(result["model_uri"], MODEL, {}) == "1"
         assert registry.register(train_uri, MODEL, {}) == "2"
         registry.promote(MODEL, "1", "first champion")

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     # The venv's bin first, so the `mmops` and `dvc` that stages call are this checkout's.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # The stages use the clone's own store (mlflow.db), whatever an earlier test left set.
+    env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")

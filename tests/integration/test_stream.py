@@ -27,9 +27,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 from PIL import Image
-from typer.testing import CliRunner
 
-from mmops.cli import app
 from mmops.config import Params, load_params
 from mmops.data.dataset import load_splits
 from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
@@ -81,28 +79,20 @@ def bootstrap(broker: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def registered(
-    demo_dir: Path, tiny_overrides: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory
+    demo_dir: Path,
+    train_and_export: Callable[..., tuple[str, dict[str, str]]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Registered]:
     """A tiny model trained and exported once, registered as v1 (champion) and v2."""
     workdir = tmp_path_factory.mktemp("stream")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    runner = CliRunner()
     previous_uri = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MMOPS_LOCK_DIR", str(workdir))
-        args = set_args((*tiny_overrides, "train.epochs=4", "train.lr=0.003"))
-        validate = ["validate", str(demo_dir), "--out", "reports/validate", *args]
-        assert runner.invoke(app, validate).exit_code == 0  # training reads its report
-        trained = runner.invoke(app, ["train", "--data", str(demo_dir), *args, "--json"])
-        assert trained.exit_code == 0, trained.output
-        model_uri = json.loads(trained.stdout.strip().splitlines()[-1])["model_uri"]
-        exported = runner.invoke(
-            app, ["export", "--data", str(demo_dir), "--model", model_uri, *args, "--json"]
-        )
-        assert exported.exit_code == 0, exported.output
-        serving_uri = json.loads(exported.stdout.strip().splitlines()[-1])["model_uri"]
+        _, exported = train_and_export("train.epochs=4", "train.lr=0.003")
+        serving_uri = exported["model_uri"]
         registry.register(serving_uri, MODEL, {})
         # A second version of the same model for swap tests: registry.register is idempotent
         # for a model URI, so it is registered directly.
