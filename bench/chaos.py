@@ -307,7 +307,7 @@ def rig(model: Path, workdir: Path, session_timeout_ms: int = 6000) -> Iterator[
         "predict.threads=1",
         *TINY_MODEL,
     )
-    args = [arg for item in overrides for arg in ("--set", item)]
+    args = _sets(overrides)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
     with serve_log.open("ab") as out:
         serve = subprocess.Popen(
@@ -486,11 +486,14 @@ class Registry:
     data: Path
     env: dict[str, str]
 
-    def mmops(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def command(self, *args: str) -> list[str]:
+        """`mmops ARGS` with the bench's params; `--set`s in `args` come last, so they win."""
         overrides = (*SMALL_DATA, *TINY_MODEL, f"tracking.registered_model={REGISTERED}")
-        sets = [arg for item in overrides for arg in ("--set", item)]
+        return [MMOPS, args[0], *_sets(overrides), *args[1:]]
+
+    def mmops(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [MMOPS, args[0], *sets, *args[1:]],
+            self.command(*args),
             cwd=self.workdir,
             env=self.env,
             capture_output=True,
@@ -500,11 +503,8 @@ class Registry:
         )
 
     def popen(self, *args: str) -> subprocess.Popen:
-        """The command with the bench's params; `--set`s in `args` come last, so they win."""
-        overrides = (*SMALL_DATA, *TINY_MODEL, f"tracking.registered_model={REGISTERED}")
-        sets = [arg for item in overrides for arg in ("--set", item)]
         return subprocess.Popen(
-            [MMOPS, args[0], *sets, *args[1:]],
+            self.command(*args),
             cwd=self.workdir,
             env=self.env,
             stdout=subprocess.PIPE,

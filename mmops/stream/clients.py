@@ -79,43 +79,6 @@ def consumer_settings(cfg: StreamConfig) -> dict[str, Any]:
     }
 
 
-def connect(
-    kafka: dict[str, Any],
-    cfg: StreamConfig,
-    factories: tuple[Callable[..., Any], Callable[..., Any]],
-    stop: threading.Event,
-    revoked: threading.Event,
-    beat: Callable[[], None],
-    producer: Any = None,
-) -> tuple[Any, Any]:
-    """A subscribed consumer and a producer (`producer` if given), retrying until the brokers
-    answer or `stop` is set (then the client's error is raised)."""
-    from kafka.errors import KafkaError
-
-    tolerate_header_keys()
-    tolerate_undecodable_batches()
-    new_consumer, new_producer = factories
-    backoff = 1.0
-    while True:
-        try:
-            producer = producer or new_producer(**kafka, **producer_settings(cfg))
-            consumer = new_consumer(**kafka, **consumer_settings(cfg))
-            consumer.subscribe([cfg.input_topic], listener=rebalance_listener(revoked))
-            return consumer, producer
-        except KafkaError as error:
-            if stop.is_set():
-                raise
-            log.warning(
-                "cannot reach the Kafka brokers; retrying",
-                extra=log_data(
-                    servers=kafka.get("bootstrap_servers"), error=str(error), retry_in_s=backoff
-                ),
-            )
-            beat()  # waiting for the brokers is not a stall: a restart would not help
-            stop.wait(backoff)
-            backoff = min(backoff * 2, MAX_CONNECT_BACKOFF_S)
-
-
 def producer_fault(producer: Any) -> BaseException | None:
     """The fatal error a kafka-python producer is stuck in, or None.
 
@@ -167,10 +130,40 @@ class StreamClients:
         self._failing_since: dict[str, float] = {}
 
     def connect(self) -> None:
-        """Both clients, waiting for the brokers (see `connect`)."""
-        self.consumer, self.producer = connect(
-            self.kafka, self.cfg, self.factories, self.stop, self.revoked, self.beat, self.producer
-        )
+        """A subscribed consumer and a producer, each kept if it is still there (a rebuild drops
+        only the stuck one), retrying until the brokers answer or `stop` is set (then the
+        client's error is raised)."""
+        from kafka.errors import KafkaError
+
+        tolerate_header_keys()
+        tolerate_undecodable_batches()
+        new_consumer, new_producer = self.factories
+        backoff = 1.0
+        while True:
+            try:
+                self.producer = self.producer or new_producer(
+                    **self.kafka, **producer_settings(self.cfg)
+                )
+                if self.consumer is None:
+                    consumer = new_consumer(**self.kafka, **consumer_settings(self.cfg))
+                    listener = rebalance_listener(self.revoked)
+                    consumer.subscribe([self.cfg.input_topic], listener=listener)
+                    self.consumer = consumer
+                return
+            except KafkaError as error:
+                if self.stop.is_set():
+                    raise
+                log.warning(
+                    "cannot reach the Kafka brokers; retrying",
+                    extra=log_data(
+                        servers=self.kafka.get("bootstrap_servers"),
+                        error=str(error),
+                        retry_in_s=backoff,
+                    ),
+                )
+                self.beat()  # waiting for the brokers is not a stall: a restart would not help
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_CONNECT_BACKOFF_S)
 
     def succeeded(self, client: str) -> None:
         """`client` ("consumer" or "producer") just worked: its failure streak ends."""

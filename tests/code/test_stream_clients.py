@@ -42,10 +42,17 @@ def test_a_producer_in_a_fatal_state_is_replaced_and_the_batch_sent_by_the_new_o
         made.append(settings)
         return stuck if len(made) == 1 else r.producer(**settings)
 
-    r.server.clients.factories = (r.consumer, new_producer)
+    consumers: list[dict[str, Any]] = []
+
+    def new_consumer(**settings: Any) -> Any:
+        consumers.append(settings)
+        return r.consumer(**settings)
+
+    r.server.clients.factories = (new_consumer, new_producer)
     stats = r.run(4)
 
     assert len(made) == 2  # replaced at the first failed send, not after a timeout
+    assert len(consumers) == 1  # the consumer was fine: kept, not joined to the group twice
     assert stuck.acked == [] and r.producer.ids() == ids(4)
     assert r.consumer.commits() == [{0: 4}]  # committed once the new producer's sends were acked
     assert stats.retries == 1
