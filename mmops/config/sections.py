@@ -236,6 +236,32 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """Drift monitoring of live events (`mmops serve`) against the served version's reference."""
+
+    enabled: bool = True
+    # Held-out embeddings (validation and test splits) stored with each exported model.
+    reference_size: int = 2000
+    window: int = 200  # live events each test compares with the reference
+    ert: int = 20_000  # expected events between two false alarms of one signal
+    streams: int = 300  # simulated streams that calibrate each threshold
+    horizon: int = 1000  # events per simulated stream after its window fills
+    seed: int = 0
+    topic: str = "mmops.drift"  # drift events, JSON
+    # Rolling figures against the reference: predicted labels, confidence, dead letters, accuracy.
+    rolling_events: int = 1000
+    queue_batches: int = 64  # batches waiting for the monitor; more are dropped and counted
+
+    def __post_init__(self) -> None:
+        if self.window < 10 or self.reference_size < 20:
+            raise ConfigError("drift: window must be >= 10 and reference_size >= 20")
+        if min(self.ert, self.streams, self.horizon, self.rolling_events) < 1:
+            raise ConfigError("drift: ert, streams, horizon and rolling_events must be >= 1")
+        if self.queue_batches < 1:
+            raise ConfigError("drift.queue_batches: must be >= 1")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """When a challenger may replace the champion, measured on the current test split."""
 
@@ -312,6 +338,7 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -48,4 +48,4 @@ def predict_dataset(
 
     outputs = run_loader(predictor.runner, batches(), len(predictor.labels))
     target = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=int)
-    return Predictions(outputs.probs, target, outputs.image_embeds, outputs.text_embeds)
+    return Predictions(outputs.probs, target, outputs.embeds["image"], outputs.embeds["text"])

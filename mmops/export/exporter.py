@@ -28,6 +28,7 @@ from mmops.export.records import ExportReport, Gates
 from mmops.model.digests import write_digests, write_manifest
 from mmops.model.preprocess import Collator, MultimodalDataset
 from mmops.model.storage import META_FILE
+from mmops.serving.embeddings import sample_references
 from mmops.serving.integrity import read_manifest
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import (
@@ -101,6 +102,19 @@ def export_model(
         test_examples=len(test),
     )
     (out / EXPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    # Drift is watched against what the served backend gives on data it never trained on.
+    val_data = dataset(split_rows(frame, "val", data_dir))
+    val = run_loader(runners[report.serving], batched(val_data))
+    held_out = {"val": val, "test": outputs[report.serving]}
+    present = {
+        "image": np.array([isinstance(v, str) for v in val_data.images + test.images]),
+        "text": np.array([isinstance(v, str) for v in val_data.texts + test.texts]),
+    }
+    drift = params.drift
+    references = sample_references(
+        held_out, loaded.labels, drift.reference_size, report.serving, drift.seed, present
+    )
+    references.save(out)
     write_digests(out)  # registration tags them; loading checks every file against them
     return report
 

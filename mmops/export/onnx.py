@@ -17,11 +17,11 @@ from mmops.model.storage import LoadedModel
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("probs", "image_embeds", "text_embeds")
+OUTPUT_NAMES = ("probs", "image_embeds", "text_embeds", "fused_embeds")
 
 
 class ServingModel(nn.Module):
-    """The classifier as served: class probabilities and the two embeddings."""
+    """The classifier as served: class probabilities and the embeddings by modality."""
 
     def __init__(self, model: MultimodalClassifier) -> None:
         super().__init__()
@@ -34,9 +34,11 @@ class ServingModel(nn.Module):
         attention_mask: torch.Tensor,
         image_present: torch.Tensor,
         text_present: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values, input_ids, attention_mask, image_present, text_present)
-        return out.logits.float().softmax(-1), out.image_embeds, out.text_embeds
+        embeds = out.embeddings()
+        # In OUTPUT_NAMES order; the runner names them back by modality.
+        return out.logits.float().softmax(-1), embeds["image"], embeds["text"], embeds["fused"]
 
 
 def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> str:

@@ -25,6 +25,15 @@ class ModelOutput(NamedTuple):
     image_embeds: torch.Tensor  # L2-normalised, for retrieval and the contrastive loss
     text_embeds: torch.Tensor
     logit_scale: torch.Tensor
+    # What the head reads, L2-normalised: the joint representation drift is also watched on.
+    fused_embeds: torch.Tensor | None = None
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The embeddings by modality name, as served and monitored."""
+        named = {"image": self.image_embeds, "text": self.text_embeds}
+        if self.fused_embeds is not None:
+            named["fused"] = self.fused_embeds
+        return named
 
 
 class MultimodalClassifier(nn.Module):
@@ -134,7 +143,13 @@ class MultimodalClassifier(nn.Module):
             fused = torch.cat([image_unit, text_unit, image_unit * text_unit], dim=-1)
         else:
             fused = torch.cat([image_embeds, text_embeds, image_embeds * text_embeds], dim=-1)
-        return ModelOutput(self.head(fused), image_embeds, text_embeds, self.logit_scale.exp())
+        return ModelOutput(
+            self.head(fused),
+            image_embeds,
+            text_embeds,
+            self.logit_scale.exp(),
+            F.normalize(fused, dim=-1),
+        )
 
     def _zero_shot(self, summary: torch.Tensor, present: torch.Tensor) -> ModelOutput:
         """Cosine similarity of the checkpoint's image embedding with each label's prompt
@@ -143,7 +158,7 @@ class MultimodalClassifier(nn.Module):
         assert missing is not None  # _zero_shot_head refused encoders without a summary
         summary = torch.where(present[:, None], summary, missing.to(summary.dtype))
         embeds = F.normalize(summary, dim=-1)
-        return ModelOutput(self.head(embeds), embeds, embeds, self.logit_scale.exp())
+        return ModelOutput(self.head(embeds), embeds, embeds, self.logit_scale.exp(), embeds)
 
     def _drop_modalities(
         self, image_present: torch.Tensor, text_present: torch.Tensor

@@ -21,6 +21,7 @@ from typing import Any
 from mmops.config import BACKENDS, PredictConfig
 from mmops.model.preprocess import Collator, Example, image_tensor, open_image
 from mmops.model.storage import META_FILE, load_model
+from mmops.serving.embeddings import References, load_references
 from mmops.serving.integrity import (
     DamagedModelError,
     Manifest,
@@ -41,6 +42,8 @@ from mmops.serving.runners import (
 
 log = logging.getLogger(__name__)
 
+# A result's embeddings by modality, when asked for; never part of a prediction's JSON.
+EMBEDS_KEY = "_embeds"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -80,6 +83,8 @@ class Predictor:
             self.loaded.tokenizer, self.image_spec, config.max_text_length, config.text_padding
         )
         self.export: dict[str, Any] | None = None  # export.json, once read
+        # In memory with the model: the download it came in is gone once loaded.
+        self.references: References | None = load_references(self.folder)
         self.runner = self._runner(backend)
         self.identity = identity or ModelIdentity(self.folder.resolve().name, "local")
 
@@ -196,12 +201,16 @@ class Predictor:
         return run_loader(self.runner, batches, len(self.labels))
 
     def predict_batch(
-        self, records: Iterable[Mapping[str, Any]], root: Path | str | None = None
+        self,
+        records: Iterable[Mapping[str, Any]],
+        root: Path | str | None = None,
+        embeddings: bool = False,
     ) -> list[dict[str, Any]]:
         """One result per record, in order: a label and scores, or an `error` naming the field.
 
         `root` resolves relative image paths; without it, image paths are refused (a stream of
-        events must not read files off the serving machine).
+        events must not read files off the serving machine). With `embeddings`, each predicted
+        result also has EMBEDS_KEY: its embedding per modality (for drift monitoring).
         """
         results: list[dict[str, Any]] = []
         examples: list[Example] = []
@@ -221,11 +230,15 @@ class Predictor:
                 )
         outputs = self.run(examples)
         best = outputs.probs.argmax(axis=1).tolist()
-        for slot, index, probs in zip(slots, best, outputs.probs.tolist(), strict=True):
+        for row, (slot, index, probs) in enumerate(
+            zip(slots, best, outputs.probs.tolist(), strict=True)
+        ):
             results[slot].update(
                 label=self.labels[index],
                 scores=dict(zip(self.labels, probs, strict=True)),
             )
+            if embeddings:
+                results[slot][EMBEDS_KEY] = {m: e[row] for m, e in outputs.embeds.items()}
         for result in results:
             result.update(model=self.identity.name, version=self.identity.version)
         return results

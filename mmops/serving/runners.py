@@ -17,12 +17,22 @@ EXPORT_FILE = "export.json"
 
 
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+EMBEDS_SUFFIX = "_embeds"
 
 
 class Outputs(NamedTuple):
     probs: np.ndarray  # (n, classes)
-    image_embeds: np.ndarray
-    text_embeds: np.ndarray
+    # (n, width) per modality name (image, text, and fused: what the head reads), L2-normalised
+    embeds: dict[str, np.ndarray]
+
+
+def embeds_by_modality(named: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`{modality: array}` from arrays named `<modality>_embeds` (the model's output names)."""
+    return {
+        name.removesuffix(EMBEDS_SUFFIX): np.asarray(value)
+        for name, value in named.items()
+        if name.endswith(EMBEDS_SUFFIX)
+    }
 
 
 class TorchRunner:
@@ -38,10 +48,10 @@ class TorchRunner:
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
         inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS}
         output = self.model(**inputs)
+        named = output.embeddings()
         return Outputs(
             output.logits.float().softmax(-1).cpu().numpy(),
-            output.image_embeds.float().cpu().numpy(),
-            output.text_embeds.float().cpu().numpy(),
+            {name: value.float().cpu().numpy() for name, value in named.items()},
         )
 
 
@@ -61,12 +71,14 @@ class OnnxRunner:
         ]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
+        # Models exported before the fused embedding have only the image and text ones.
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.name = name
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
         feeds = {name: batch[name].numpy() for name in self.inputs}
-        probs, image_embeds, text_embeds = self.session.run(None, feeds)
-        return Outputs(probs, image_embeds, text_embeds)
+        values = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
+        return Outputs(values.pop("probs"), embeds_by_modality(values))
 
 
 Runner = TorchRunner | OnnxRunner
@@ -78,8 +90,11 @@ def run_loader(
     """A runner's outputs over collated batches, concatenated in order."""
     parts = [runner(batch) for batch in batches]
     if not parts:
-        return Outputs(np.zeros((0, num_labels)), np.zeros((0, 0)), np.zeros((0, 0)))
-    return Outputs(*(np.concatenate(x) for x in zip(*parts, strict=True)))
+        return Outputs(np.zeros((0, num_labels)), {})
+    return Outputs(
+        np.concatenate([part.probs for part in parts]),
+        {name: np.concatenate([part.embeds[name] for part in parts]) for name in parts[0].embeds},
+    )
 
 
 # Seconds one latency figure may take once it has MIN_TIMINGS: a ViT-B/32 at batch 32 takes

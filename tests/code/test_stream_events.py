@@ -158,7 +158,7 @@ def bare_predictor() -> Predictor:
 
     def run(examples: list[Any]) -> Outputs:
         probs = np.tile(np.array([[0.75, 0.25]], dtype=np.float32), (len(examples), 1))
-        return Outputs(probs, probs, probs)
+        return Outputs(probs, {"image": probs, "text": probs})
 
     predictor.run = run  # type: ignore[method-assign]
     return predictor

@@ -167,8 +167,8 @@ def test_parity_gate_names_every_failure() -> None:
     embeds = np.zeros((8, 2))
 
     gate = parity(
-        Outputs(reference, embeds, embeds),
-        Outputs(candidate, embeds, embeds),
+        Outputs(reference, {"image": embeds, "text": embeds}),
+        Outputs(candidate, {"image": embeds, "text": embeds}),
         targets,
         labels,
         ExportConfig(),
@@ -195,8 +195,8 @@ def test_parity_tolerances_are_inclusive() -> None:
     cfg = ExportConfig(max_accuracy_drop=0.05, min_agreement=0.95)
 
     gate = parity(
-        Outputs(reference, embeds, embeds),
-        Outputs(candidate, embeds, embeds),
+        Outputs(reference, {"image": embeds, "text": embeds}),
+        Outputs(candidate, {"image": embeds, "text": embeds}),
         targets,
         ["a", "b"],
         cfg,
