@@ -262,6 +262,43 @@ class DriftConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """Labels from production (`mmops feedback`): joined to their events, a new data version."""
+
+    topic: str = "mmops.feedback"  # late labels: JSON {"id": ..., "label": ...} keyed by event id
+    label_field: str = "label"  # an event's own label, when it arrives labelled
+    out_dir: str = "data/feedback"  # where labelled snapshots are written, one folder each
+    merged_dir: str = "data/merged"  # the current data plus feedback: what the next retrain reads
+    split: str = "train"  # the split feedback rows join; val and test stay as they are
+    min_rows: int = 1  # fewer labelled events than this: no snapshot
+    timeout_s: float = 30.0  # reading the topics stops once nothing new arrives for this long
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test"):
+            raise ConfigError("feedback.split: must be train, val or test")
+        if self.min_rows < 1 or self.timeout_s <= 0:
+            raise ConfigError("feedback: min_rows must be >= 1 and timeout_s > 0")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """Retrains that start themselves: a drift alarm runs the retrain flow's deployment."""
+
+    enabled: bool = False  # `mmops serve` starts runs only when this is on
+    deployment: str = "retrain_and_evaluate/monthly"  # FLOW/DEPLOYMENT, as `mmops schedule` serves
+    cooldown_s: float = 86_400.0  # at most one drift-started run per this many seconds
+    tag: str = "drift"  # the flow run's tag
+
+    def __post_init__(self) -> None:
+        if self.cooldown_s < 0:
+            raise ConfigError("trigger.cooldown_s: must be >= 0")
+        if "/" not in self.deployment:
+            raise ConfigError(
+                "trigger.deployment: must be FLOW/DEPLOYMENT, e.g. retrain_and_evaluate/monthly"
+            )
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """When a challenger may replace the champion, measured on the current test split."""
 
@@ -339,6 +376,8 @@ class Params:
     predict: PredictConfig = field(default_factory=PredictConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -117,12 +117,15 @@ def _sliding_mmd2(
     gram: np.ndarray, cross: np.ndarray, ref_term: float, draws: np.ndarray, window: int
 ) -> np.ndarray:
     """The statistic after each event from the `window`-th on, for a stream of pool indices."""
-    k = gram[np.ix_(draws, draws)]
     n = len(draws)
     # Event t's similarity to the window - 1 events before it (what it adds entering the
-    # window) and event l's to the window - 1 after it (what it takes away leaving).
-    band = np.tril(k, -1) - np.tril(k, -window)
-    row, col = band.sum(1), band.sum(0)
+    # window) and event l's to the window - 1 after it (what it takes away leaving), one
+    # diagonal of the stream's kernel matrix at a time: only the band is ever needed.
+    row, col = np.zeros(n), np.zeros(n)
+    for lag in range(1, min(window, n)):
+        pairs_at_lag = gram[draws[lag:], draws[:-lag]]
+        row[lag:] += pairs_at_lag
+        col[:-lag] += pairs_at_lag
     steps = np.cumsum(row[window:] - col[: n - window])
     pairs = row[:window].sum() + np.concatenate([[0.0], steps])
     cross_sum = np.convolve(cross[draws], np.ones(window), mode="valid")
@@ -216,26 +219,60 @@ class OnlineDetector:
     def update(self, x: np.ndarray) -> Reading:
         """The statistics after each row of `x`."""
         x = np.asarray(x, dtype=np.float64)
-        mmd, novel = np.full(len(x), np.nan), np.full(len(x), np.nan)
         if not len(x):
-            return Reading(mmd, novel)
+            return Reading(np.zeros(0), np.zeros(0))
         cross = rbf(x, self.reference, self.gamma).mean(1)
-        w = self.window
-        for i, point in enumerate(x):
-            slot = self.seen % w
-            if self.seen >= w:  # the event leaving the window takes its pairs with it
-                self._pairs -= 2 * (self._gram[slot].sum() - self._gram[slot, slot])
+        filling = max(0, min(len(x), self.window - self.seen))
+        parts = [self._fill(x[:filling], cross[:filling])] if filling else []
+        for start in range(filling, len(x), self.window):
+            stop = start + self.window
+            parts.append(self._slide(x[start:stop], cross[start:stop]))
+        return Reading(*(np.concatenate(values) for values in zip(*parts, strict=True)))
+
+    def _fill(self, x: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first `window` events, one at a time; statistics from the last of them."""
+        for point, near in zip(x, cross, strict=True):
+            slot = self.seen
             self._ring[slot] = point
-            filled = min(self.seen + 1, w)
-            k = rbf(point[None], self._ring[:filled], self.gamma)[0]
+            k = rbf(point[None], self._ring[: slot + 1], self.gamma)[0]
             k[slot] = 1.0
-            self._gram[slot, :filled] = k
-            self._gram[:filled, slot] = k
+            self._gram[slot, : slot + 1] = k
+            self._gram[: slot + 1, slot] = k
             self._pairs += 2 * (k.sum() - 1.0)
-            self._cross[slot] = cross[i]
+            self._cross[slot] = near
             self.seen += 1
-            if self.seen >= w:
-                within = self._pairs / (w * (w - 1))
-                mmd[i] = self._ref_term + within - 2 * self._cross.sum() / w
-                novel[i] = float((self._cross < self.cutoff).sum())
-        return Reading(mmd, novel)
+        mmd, novel = np.full(len(x), np.nan), np.full(len(x), np.nan)
+        if self.seen == self.window:
+            mmd[-1], novel[-1] = self._statistic(), float((self._cross < self.cutoff).sum())
+        return mmd, novel
+
+    def _slide(self, x: np.ndarray, cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `window` events into a full window, vectorised: each replaces the oldest."""
+        w, b = self.window, len(x)
+        slots = (self.seen + np.arange(b)) % w  # distinct: b <= window
+        to_old = rbf(x, self._ring, self.gamma)  # (b, w): new events against the ring
+        to_new = rbf(x, x, self.gamma)
+        old_pairs = self._gram[np.ix_(slots, slots)]
+        new_old = to_old[:, slots]  # [j, k]: new event j against the old event at slots[k]
+        # Event i leaves its slot's old event: the old event's pairs with the old events still
+        # in (not yet replaced) and the new events already in.
+        leaving = self._gram[slots].sum(1) - np.tril(old_pairs).sum(1) + np.triu(new_old, 1).sum(0)
+        entering = to_old.sum(1) - np.tril(new_old).sum(1) + np.tril(to_new, -1).sum(1)
+        pairs = self._pairs + 2 * np.cumsum(entering - leaving)
+        cross_sum = self._cross.sum() + np.cumsum(cross - self._cross[slots])
+        novel_now = int((self._cross < self.cutoff).sum())
+        novel = novel_now + np.cumsum((cross < self.cutoff).astype(int))
+        novel -= np.cumsum((self._cross[slots] < self.cutoff).astype(int))
+        self._ring[slots] = x
+        self._gram[slots, :] = to_old
+        self._gram[:, slots] = to_old.T
+        self._gram[np.ix_(slots, slots)] = to_new
+        self._cross[slots] = cross
+        self._pairs = float(pairs[-1])
+        self.seen += b
+        mmd = self._ref_term + pairs / (w * (w - 1)) - 2 * cross_sum / w
+        return mmd, novel.astype(float)
+
+    def _statistic(self) -> float:
+        w = self.window
+        return float(self._ref_term + self._pairs / (w * (w - 1)) - 2 * self._cross.sum() / w)

@@ -68,6 +68,7 @@ class StreamMetrics:
             registry=r,
         )
         self._client_metrics()
+        self._drift_metrics()
         self._server: Any = None
 
     def _client_metrics(self) -> None:
@@ -89,6 +90,81 @@ class StreamMetrics:
             ["client"],
             registry=self.registry,
         )
+
+    def _drift_metrics(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        r = self.registry
+
+        def gauge(name: str, about: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, about, list(labels), registry=r)
+
+        signal = ("modality",)
+        self.drift_statistic = gauge(
+            "mmops_drift_statistic", "Online MMD^2 of the last window against the reference", signal
+        )
+        self.drift_threshold = gauge(
+            "mmops_drift_threshold", "The MMD^2 an alarm needs (calibrated to drift.ert)", signal
+        )
+        self.drift_alarm = gauge("mmops_drift_alarm", "1 while a signal is in drift", signal)
+        self.drift_novel = gauge(
+            "mmops_drift_novel_events", "Events of the last window unlike the reference", signal
+        )
+        self.drift_novel_threshold = gauge(
+            "mmops_drift_novel_threshold", "The novel events an alarm needs", signal
+        )
+        self.online_accuracy = gauge(
+            "mmops_online_accuracy", "Rolling accuracy on events that came labelled", ("version",)
+        )
+        self.label_share = gauge(
+            "mmops_prediction_label_share", "Rolling share of predictions per label", ("label",)
+        )
+        self.reference_label_share = gauge(
+            "mmops_reference_label_share", "Share per label on the reference", ("label",)
+        )
+        self.confidence = gauge(
+            "mmops_prediction_confidence_mean", "Rolling mean of the top class probability"
+        )
+        self.reference_confidence = gauge(
+            "mmops_reference_confidence_mean", "Mean top class probability on the reference"
+        )
+        self.dead_letter_rate = gauge(
+            "mmops_stream_dead_letter_rate", "Rolling share of events sent to the dead-letter topic"
+        )
+        self.drift_skipped = Counter(
+            "mmops_drift_skipped_batches",
+            "Batches the drift monitor could not keep up with (served, not monitored)",
+            registry=r,
+        )
+
+    def set_references(self, monitor: Any) -> None:
+        """A new version's thresholds and reference figures (a DriftMonitor)."""
+        for gauge in (self.drift_statistic, self.drift_threshold, self.drift_alarm):
+            gauge.clear()
+        for gauge in (self.drift_novel, self.drift_novel_threshold, self.reference_label_share):
+            gauge.clear()
+        self.label_share.clear()
+        for name, state in monitor.signals.items():
+            self.drift_threshold.labels(name).set(state.detector.mmd.threshold)
+            self.drift_novel_threshold.labels(name).set(state.detector.novelty.threshold)
+            self.drift_alarm.labels(name).set(0)
+        references = monitor.references
+        for label, share in zip(references.labels, references.label_shares(), strict=True):
+            self.reference_label_share.labels(label).set(float(share))
+        self.reference_confidence.set(references.mean_confidence())
+
+    def set_drift(self, monitor: Any) -> None:
+        """The monitor's figures after a batch."""
+        for name, state in monitor.signals.items():
+            self.drift_statistic.labels(name).set(state.statistic)
+            self.drift_novel.labels(name).set(state.novel)
+            self.drift_alarm.labels(name).set(float(state.alarm))
+        for label, share in monitor.label_shares().items():
+            self.label_share.labels(label).set(share)
+        self.confidence.set(monitor.mean_confidence())
+        self.dead_letter_rate.set(monitor.dead_letter_rate())
+        if (accuracy := monitor.accuracy()) is not None:
+            self.online_accuracy.labels(monitor.version).set(accuracy)
 
     def serve(self, port: int, liveness: Liveness | None = None) -> None:
         """Expose /metrics, and /healthz from `liveness`, on `port` (all interfaces, for a

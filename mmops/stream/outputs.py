@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from mmops.config import StreamConfig
-from mmops.serving.predictor import Predictor
+from mmops.serving.predictor import EMBEDS_KEY, Predictor
 from mmops.stream.events import (
     PREFIX_BYTES,
     DeadLetter,
@@ -44,6 +44,9 @@ class Served:
 
     predictions: list[tuple[Any, bytes, bytes]]
     dead: list[tuple[Any, str, str]]
+    # (message, event, result) of each predicted event, results with their embeddings, when
+    # the batch is monitored for drift
+    predicted: list[tuple[Any, dict[str, Any], dict[str, Any]]] | None = None
 
 
 def describe(error: BaseException) -> str:
@@ -56,8 +59,10 @@ def predict_messages(
     max_event_bytes: int,
     observe_model_s: Callable[[float], None] = lambda _: None,
     max_id_chars: int = 1024,
+    embeddings: bool = False,
 ) -> Served:
-    """A batch's output messages, in input order; the predictor runs once, on the good events."""
+    """A batch's output messages, in input order; the predictor runs once, on the good events.
+    With `embeddings`, `Served.predicted` also holds each predicted event with its embeddings."""
     received = time.time()
     events: list[tuple[Any, dict[str, Any]]] = []
     dead: list[tuple[Any, str, str]] = []
@@ -74,10 +79,11 @@ def predict_messages(
         except Exception as error:  # whatever the bytes, one event never fails its batch
             dead.append((message, "undecodable", describe(error)))
     start = time.perf_counter()
-    results = predict_isolated(predictor, [event for _, event in events])
+    results = predict_isolated(predictor, [event for _, event in events], embeddings)
     observe_model_s(time.perf_counter() - start)
     now = time.time()
     predictions = []
+    predicted = [] if embeddings else None
     for (message, event), result in zip(events, results, strict=True):
         if "error" in result:
             dead.append(
@@ -89,7 +95,10 @@ def predict_messages(
             predictions.append((message, value["id"].encode(), orjson.dumps(value, default=str)))
         except Exception as error:  # e.g. an extra field nested past orjson's depth limit
             dead.append((message, "unserialisable", describe(error)))
-    return Served(predictions, dead)
+            continue
+        if predicted is not None and EMBEDS_KEY in result:
+            predicted.append((message, event, result))
+    return Served(predictions, dead, predicted)
 
 
 def batch_error(about: Mapping[str, Any]) -> str:
@@ -100,11 +109,13 @@ def batch_error(about: Mapping[str, Any]) -> str:
     )
 
 
-def predict_isolated(predictor: Predictor, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def predict_isolated(
+    predictor: Predictor, records: list[dict[str, Any]], embeddings: bool = False
+) -> list[dict[str, Any]]:
     """`predict_batch`'s results; a batch that fails as a whole is split in halves until each
     record that fails alone is found, which gets an error result (reason `predict_failed`)."""
     try:
-        results = predictor.predict_batch(records)
+        results = predictor.predict_batch(records, embeddings=embeddings)
         if len(results) != len(records):
             raise RuntimeError(f"{len(results)} results for {len(records)} records")
         return results
@@ -119,8 +130,8 @@ def predict_isolated(predictor: Predictor, records: list[dict[str, Any]]) -> lis
             extra=log_data(records=len(records), error=describe(error)),
         )
         middle = len(records) // 2
-        return predict_isolated(predictor, records[:middle]) + predict_isolated(
-            predictor, records[middle:]
+        return predict_isolated(predictor, records[:middle], embeddings) + predict_isolated(
+            predictor, records[middle:], embeddings
         )
 
 
@@ -177,6 +188,7 @@ def send_outputs(
         [p for p in served.predictions if id(p[0]) not in gone],
         [d for d in served.dead if id(d[0]) not in gone]
         + [(f.message, f.reason or "", f.error) for f in fallbacks],
+        None if served.predicted is None else [p for p in served.predicted if id(p[0]) not in gone],
     )
 
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmops.config import Params, PredictConfig, StreamConfig
+from mmops.monitoring.monitor import DriftEvent
 from mmops.serving.predictor import Predictor
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
 from mmops.stream.champion import ModelSource
 from mmops.stream.clients import StreamClients, broker_connected, client_factories
+from mmops.stream.drift import DriftWatch, observed
 from mmops.stream.health import Liveness
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
@@ -91,6 +93,7 @@ class StreamServer:
         models: ModelSource | None = None,
         consumer_factory: Callable[..., Any] | None = None,
         producer_factory: Callable[..., Any] | None = None,
+        on_alarm: Callable[[DriftEvent], None] | None = None,
     ) -> None:
         self.cfg: StreamConfig = params.stream
         if models is None:
@@ -110,6 +113,13 @@ class StreamServer:
             self.kafka, self.cfg, factories, self._stop, self._revoked, self.liveness.beat
         )
         self.metrics.watch(self.liveness, self._connected)
+        self.drift: DriftWatch | None = None
+        if params.drift.enabled:
+            timeout = self.cfg.client_timeout_s
+            self.drift = DriftWatch(
+                params.drift, self.metrics, lambda: self.clients.producer, on_alarm, timeout
+            )
+        self._label_field = params.feedback.label_field
         self._workers: ThreadPoolExecutor | None = None
         # Owned by the thread in `run`.
         self._lag: dict[tuple[str, int], int] = {}
@@ -147,6 +157,9 @@ class StreamServer:
             return self.stats
         self.metrics.set_model(predictor)
         self.stats.versions.append(predictor.identity.version)
+        if self.drift is not None:
+            self.drift.start()
+            self.drift.follow(predictor)
         log.info(
             "serving",
             extra=log_data(
@@ -241,6 +254,8 @@ class StreamServer:
             return
         self.metrics.set_model(swapped)
         self.metrics.swaps.inc()
+        if self.drift is not None:
+            self.drift.follow(swapped)
         self.stats.versions.append(swapped.identity.version)
         log.info(
             "swapped to the new champion",
@@ -281,7 +296,7 @@ class StreamServer:
 
         def predict(model: Predictor) -> Served:
             limits = (cfg.max_event_bytes, observe, cfg.max_id_chars)
-            return predict_messages(model, batch, *limits)
+            return predict_messages(model, batch, *limits, embeddings=self.drift is not None)
 
         job = id(batch)
         self.liveness.predicting(job)
@@ -309,11 +324,21 @@ class StreamServer:
         self.metrics.events.labels("predicted").inc(len(served.predictions))
         self.metrics.events.labels("dead_letter").inc(len(served.dead))
         self.metrics.batch_size.observe(len(batch))
+        self._monitor(served)
         self.stats.events += len(batch)
         self.stats.predicted += len(served.predictions)
         self.stats.dead_letters += len(served.dead)
         self.stats.batches += 1
         self._commit(batch)
+
+    def _monitor(self, served: Served) -> None:
+        """Hand an acknowledged batch to the drift monitor's thread (never waits for it)."""
+        model = self.models.current
+        if self.drift is None or served.predicted is None or model is None:
+            return
+        batch = observed(served.predicted, model.labels, self._label_field)
+        batch.dead_letters = len(served.dead)
+        self.drift.submit(batch)
 
     def _keep_sending(self, error: BaseException, delay: float) -> bool:
         """After a send the broker may yet take failed: wait `delay` and try again (with a new
@@ -395,6 +420,8 @@ class StreamServer:
                 self.metrics.lag.labels(partition.topic, str(partition.partition)).set(lag)
 
     def _close(self) -> None:
+        if self.drift is not None:
+            self.drift.close()
         self.models.close()
         self.clients.close()
         log.info("stopped", extra=log_data(**self.stats.to_dict()))
