@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_the_sliding_statistics_equal_a_direct_mmd_whatever_the_batches() -> Non
     detector = OnlineDetector(reference, 50, 20_000, streams=50)
     x = rng.normal(size=(700, WIDTH)) + np.linspace(0, 1, 700)[:, None] * 0.3
     bounds = [0, 7, 60, 130, 131, 400, 700]
-    readings = [detector.update(x[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    readings = [detector.update(x[a:b]) for a, b in itertools.pairwise(bounds)]
     mmd = np.concatenate([r.mmd for r in readings])
     novel = np.concatenate([r.novel for r in readings])
     near = rbf(x, reference, detector.gamma).mean(1)
