@@ -124,8 +124,13 @@ def retrain_and_evaluate(
     params_file: str | None = None,
     overrides: list[str] | None = None,
     out_dir: str | None = None,
+    trigger: str = "manual",
+    reason: str | None = None,
 ) -> RetrainResult:
-    """Retrain on the data, evaluate, export, register, and promote only past the gate."""
+    """Retrain on the data, evaluate, export, register, and promote only past the gate.
+
+    `trigger` says what started the run (manual, schedule, or drift with the alarm as `reason`);
+    the registered version records both."""
     with mmops_logs_to_prefect():
         params = resolve_params(params_file, overrides or [])
         close_orphaned_runs(params)  # runs an earlier, killed flow left RUNNING
@@ -147,7 +152,7 @@ def retrain_and_evaluate(
         evaluation = evaluate(trained["model_dir"], data_dir, params, out)
         exported, model_uri = export(trained["model_dir"], data_dir, params, out)
         tags = registry.registration_tags(
-            version_info, evaluation.classification, exported, trained["run_id"]
+            version_info, evaluation.classification, exported, trained["run_id"], trigger, reason
         )
         version = register(model_uri, name, tags)
         verdict, promoted = gate_and_promote(name, version, data_dir, params, evaluation)
@@ -179,6 +184,11 @@ def serve_schedule(
     retrain_and_evaluate.serve(
         name=cfg.name,
         schedule=Cron(cfg.cron, timezone=cfg.timezone),
-        parameters={"data_dir": data_dir, "params_file": params_file, "overrides": overrides},
+        parameters={
+            "data_dir": data_dir,
+            "params_file": params_file,
+            "overrides": overrides,
+            "trigger": "schedule",  # a drift-started run passes its own
+        },
         pause_on_shutdown=False,
     )

@@ -20,6 +20,7 @@ from mmops.cli.common import (
     say,
     write_json,
 )
+from mmops.config import Params
 
 
 def kafka_client_settings(quiet: bool = False) -> dict[str, Any]:
@@ -32,6 +33,14 @@ def kafka_client_settings(quiet: bool = False) -> dict[str, Any]:
         return kafka_settings()
     except ValueError as exc:
         raise UserError(str(exc), "see the KAFKA_* variables in README.md") from None
+
+
+def stream_topics(params: Params) -> list[str]:
+    """Every topic the platform reads or writes: events, predictions, dead letters, drift
+    events and late labels."""
+    cfg = params.stream
+    names = [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic]
+    return [*names, params.drift.topic, params.feedback.topic]
 
 
 @command()
@@ -73,7 +82,9 @@ def serve(
     if log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
-    server = StreamServer(params, model, kafka)
+    from mmops_flows.trigger import drift_trigger
+
+    server = StreamServer(params, model, kafka, on_alarm=drift_trigger(params.trigger))
     port = params.stream.metrics_port if metrics_port is None else metrics_port
     if port:
         server.metrics.serve(port, server.liveness)
@@ -111,9 +122,10 @@ def up(
     from mmops.local.stack import up as start
     from mmops.stream.settings import topic_configs
 
-    cfg = load_command_params(params_file, overrides).stream
+    params = load_command_params(params_file, overrides)
+    cfg = params.stream
     services = start(
-        [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic],
+        stream_topics(params),
         cfg.partitions,
         os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
         tracking_uri(),
@@ -124,7 +136,7 @@ def up(
     for service in services:
         say(f"{service.name:7} {service.url:24} pid {service.pid}  log {service.log}")
     say(
-        f"topics  {cfg.input_topic}, {cfg.output_topic}, {cfg.dead_letter_topic} "
+        f"topics  {', '.join(stream_topics(params))} "
         f"({cfg.partitions} partitions); `mmops down` stops the stack"
     )
 
@@ -148,6 +160,26 @@ def stream_demo(
     ] = 50.0,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every answer")] = 120.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="no line per prediction")] = False,
+    shift: Annotated[
+        str,
+        typer.Option(
+            help="change the stream part-way: none | image (inverted) | text (another "
+            "vocabulary) | mixture (1 event in 10 of another vocabulary) | label (one class 70%)"
+        ),
+    ] = "none",
+    shift_at: Annotated[
+        int, typer.Option(help="--shift: events sent before it starts", min=0)
+    ] = 1000,
+    events_total: Annotated[
+        int | None,
+        typer.Option(
+            "--events",
+            help="--shift: events to send, drawn from the split (default: shift-at + 2000)",
+        ),
+    ] = None,
+    labelled: Annotated[
+        bool, typer.Option("--labelled", help="events carry their label (feedback.label_field)")
+    ] = False,
     report: Annotated[
         Path | None, typer.Option(help="write the summary JSON here (for `mmops summary`)")
     ] = None,
@@ -162,6 +194,18 @@ def stream_demo(
     params = load_command_params(params_file, overrides)
     rows = split_rows(load_splits(data, params), split, data).to_dict("records")[:limit]
     events = dataset_events(rows, data)
+    if shift != "none":
+        from mmops.monitoring.shifts import shifted_stream
+
+        total = events_total or shift_at + 2000
+        try:
+            events = shifted_stream(events, shift, shift_at, total, seed=params.drift.seed)
+        except ValueError as exc:
+            raise UserError(str(exc), "--shift takes none, image, text, mixture or label") from None
+        say(f"--shift {shift}: events {shift_at + 1}..{total} are shifted")
+    if labelled:
+        for event in events:
+            event[params.feedback.label_field] = event.get("truth")
 
     kafka = kafka_client_settings(quiet=True)
     say(
@@ -218,10 +262,11 @@ def topics(
     from mmops.local.stack import create_topics
     from mmops.stream.settings import topic_configs
 
-    cfg = load_command_params(params_file, overrides).stream
+    params = load_command_params(params_file, overrides)
+    cfg = params.stream
     kafka = kafka_client_settings(quiet=True)
     servers = kafka.pop("bootstrap_servers")
-    names = [cfg.input_topic, cfg.output_topic, cfg.dead_letter_topic]
+    names = stream_topics(params)
     created = create_topics(
         servers, names, partitions or cfg.partitions, wait, topic_configs(cfg), **kafka
     )

@@ -2,7 +2,8 @@
 
 Each shift acts on contract events (base64 image, text, and the true label as `truth`) and works
 on any dataset: inverted images (an image-only shift), words of another vocabulary (text-only),
-a share of events with inverted images (a mixture), and a label prior moved to one class.
+one event in ten with text of another vocabulary (a mixture: a new source among the old), and a
+label prior moved to one class.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 
 SHIFTS = ("none", "image", "text", "mixture", "label")
 # The modalities each shift moves; `label` moves the class mix, so every embedding.
-MOVED = {"none": (), "image": ("image",), "text": ("text",), "mixture": ("image",), "label": ()}
+MOVED = {"none": (), "image": ("image",), "text": ("text",), "mixture": ("text",), "label": ()}
 MIXTURE_SHARE = 0.1
 LABEL_SHARE = 0.7  # the favoured class's share of a label-prior shift
 _SYLLABLES = ("ka", "lo", "mi", "ru", "ze", "po", "ta", "vu", "ni", "se", "go", "fa")
@@ -74,7 +75,7 @@ def shifted_stream(
         if kind in ("image", "text"):
             event = shift_event(event, kind)
         elif kind == "mixture" and rng.random() < MIXTURE_SHARE:
-            event = shift_event(event, "image")
+            event = shift_event(event, "text")
         stream.append(dict(event))
     for index, event in enumerate(stream):
         event["id"] = f"{event['id']}-{index}"  # drawn twice is two events

@@ -87,10 +87,17 @@ class DriftWatch:
         watch's thread)."""
         self._put(("follow", predictor))
 
-    def submit(self, batch: Observed) -> None:
-        """Queue a batch; never blocks: a batch the monitor cannot keep up with is skipped."""
+    def submit(
+        self,
+        predicted: Sequence[tuple[Any, Mapping[str, Any], Mapping[str, Any]]],
+        dead_letters: int,
+        label_field: str,
+    ) -> None:
+        """Queue an acknowledged batch's predicted events (message, event, result) and its
+        dead-letter count; never blocks: a batch the monitor cannot keep up with is skipped.
+        The monitor's view of it is built on the watch's thread."""
         try:
-            self._queue.put_nowait(("observe", batch))
+            self._queue.put_nowait(("observe", (predicted, dead_letters, label_field)))
         except queue.Full:
             self.metrics.drift_skipped.inc()
 
@@ -156,9 +163,13 @@ class DriftWatch:
             ),
         )
 
-    def _observe(self, batch: Observed) -> None:
+    def _observe(self, item: tuple[Any, int, str]) -> None:
         monitor = self.monitor
         assert monitor is not None
+        predicted, dead_letters, label_field = item
+        # Results the served version made without embeddings (none should) are not watched.
+        batch = observed([p for p in predicted if EMBEDS_KEY in p[2]], monitor.labels, label_field)
+        batch.dead_letters = dead_letters
         started = monitor.observe(batch)
         self.metrics.set_drift(monitor)
         for alarm in started:

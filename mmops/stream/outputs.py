@@ -115,7 +115,10 @@ def predict_isolated(
     """`predict_batch`'s results; a batch that fails as a whole is split in halves until each
     record that fails alone is found, which gets an error result (reason `predict_failed`)."""
     try:
-        results = predictor.predict_batch(records, embeddings=embeddings)
+        if embeddings:
+            results = predictor.predict_batch(records, embeddings=True)
+        else:
+            results = predictor.predict_batch(records)
         if len(results) != len(records):
             raise RuntimeError(f"{len(results)} results for {len(records)} records")
         return results

@@ -10,63 +10,30 @@ uncommitted batch of each partition. The bookkeeping is in `batching`, the batch
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from mmops.config import Params, PredictConfig, StreamConfig
+from mmops.config import Params, StreamConfig
 from mmops.monitoring.monitor import DriftEvent
 from mmops.serving.predictor import Predictor
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
 from mmops.stream.champion import ModelSource
 from mmops.stream.clients import StreamClients, broker_connected, client_factories
-from mmops.stream.drift import DriftWatch, observed
+from mmops.stream.drift import DriftWatch
 from mmops.stream.health import Liveness
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
 from mmops.stream.outputs import DeliveryError, Served, predict_messages, send_outputs
-from mmops.stream.settings import kafka_settings
+from mmops.stream.settings import ServeStats, kafka_settings, serving_threads
 
 __all__ = ["DeliveryError", "ServeStats", "StreamServer", "serving_threads"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServeStats:
-    """What one `StreamServer.run` did."""
-
-    events: int = 0
-    predicted: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    retries: int = 0
-    versions: list[str] = field(default_factory=list)
-    first_event_at: float | None = None
-    last_commit_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def serving_threads(predict: PredictConfig, workers: int) -> PredictConfig:
-    """The predictor settings for `workers` batches predicted at once: the cores shared out.
-
-    ONNX Runtime splits each operator evenly over its threads, so two batches on one session
-    of all the cores stall each other; each on its share of the cores keeps every core busy,
-    one batch's model run beside the next one's image decoding (bench/stream_throughput.py).
-    """
-    if predict.threads:
-        return predict
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return dataclasses.replace(predict, threads=max(1, (cores or 1) // workers))
 
 
 class StreamServer:
@@ -296,7 +263,9 @@ class StreamServer:
 
         def predict(model: Predictor) -> Served:
             limits = (cfg.max_event_bytes, observe, cfg.max_id_chars)
-            return predict_messages(model, batch, *limits, embeddings=self.drift is not None)
+            # Embeddings only for a version the monitor watches (one exported with references).
+            watched = self.drift is not None and model.references is not None
+            return predict_messages(model, batch, *limits, embeddings=watched)
 
         job = id(batch)
         self.liveness.predicting(job)
@@ -333,12 +302,8 @@ class StreamServer:
 
     def _monitor(self, served: Served) -> None:
         """Hand an acknowledged batch to the drift monitor's thread (never waits for it)."""
-        model = self.models.current
-        if self.drift is None or served.predicted is None or model is None:
-            return
-        batch = observed(served.predicted, model.labels, self._label_field)
-        batch.dead_letters = len(served.dead)
-        self.drift.submit(batch)
+        if self.drift is not None and served.predicted is not None:
+            self.drift.submit(served.predicted, len(served.dead), self._label_field)
 
     def _keep_sending(self, error: BaseException, delay: float) -> bool:
         """After a send the broker may yet take failed: wait `delay` and try again (with a new

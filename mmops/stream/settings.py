@@ -1,12 +1,15 @@
-"""Kafka client settings from the environment, and the record sizes the stream accepts."""
+"""Kafka client settings from the environment, the record sizes the stream accepts, the
+server's prediction threads and what a run did."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from mmops.config import StreamConfig
+from mmops.config import PredictConfig, StreamConfig
 from mmops.local.stack import DEFAULT_BOOTSTRAP
 
 # Environment variable -> kafka-python setting; credentials never live in params.yaml or code.
@@ -65,3 +68,33 @@ def kafka_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             f"KAFKA_SASL_MECHANISM: must be one of {', '.join(SASL_MECHANISMS)}, got {mechanism!r}"
         )
     return settings
+
+
+@dataclass
+class ServeStats:
+    """What one `StreamServer.run` did."""
+
+    events: int = 0
+    predicted: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    retries: int = 0
+    versions: list[str] = field(default_factory=list)
+    first_event_at: float | None = None
+    last_commit_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def serving_threads(predict: PredictConfig, workers: int) -> PredictConfig:
+    """The predictor settings for `workers` batches predicted at once: the cores shared out.
+
+    ONNX Runtime splits each operator evenly over its threads, so two batches on one session
+    of all the cores stall each other; each on its share of the cores keeps every core busy,
+    one batch's model run beside the next one's image decoding (bench/stream_throughput.py).
+    """
+    if predict.threads:
+        return predict
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return dataclasses.replace(predict, threads=max(1, (cores or 1) // workers))

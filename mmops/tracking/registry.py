@@ -357,14 +357,24 @@ def reasons_tag(reasons: list[str]) -> str:
     return ("; ".join(reasons) or "none")[:TAG_VALUE_LIMIT]
 
 
+TRIGGERS = ("manual", "schedule", "drift")
+
+
 def registration_tags(
     data_version: dict[str, Any],
     quality: ClassificationMetrics,
     export: ExportReport,
     run_id: str,
+    trigger: str = "manual",
+    reason: str | None = None,
 ) -> dict[str, str]:
-    """Tags of a new model version: data version, git commit, key metrics, export verdict."""
+    """Tags of a new model version: data version, git commit, key metrics, export verdict, and
+    what started the retrain (`trigger`: manual, schedule or drift, with the alarm as reason)."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
     return {
+        "trigger": trigger,
+        "trigger.reason": (reason or "none")[:TAG_VALUE_LIMIT],
         "data.md5": str(data_version["md5"]),
         "data.dvc_md5": str(data_version.get("dvc_md5")),
         "git.commit": str(data_version.get("git_commit")),

@@ -179,6 +179,7 @@ class FakePredictor:
     def __init__(self, version: str, hook: Callable[[list[str]], None] | None = None):
         self.identity = SimpleNamespace(name="fake", version=version)
         self.backend = "fake"
+        self.references = None  # exported without reference embeddings: drift is not watched
         self.batches: list[list[str]] = []
         self.hook = hook or (lambda ids: None)
         self._lock = threading.Lock()
