@@ -70,8 +70,6 @@ def serve(
     KAFKA_SSL_CAFILE/CERTFILE/KEYFILE; the registry from MLFLOW_TRACKING_URI. SIGTERM or Ctrl-C
     finishes the batch in hand, commits it and exits. Run N of these over N partitions to scale.
     """
-    import signal
-
     from mmops.stream.logs import JsonLogFormatter
     from mmops.stream.server import StreamServer
 
@@ -88,10 +86,17 @@ def serve(
     port = params.stream.metrics_port if metrics_port is None else metrics_port
     if port:
         server.metrics.serve(port, server.liveness)
+    typer.echo(json.dumps(_run_server(server, max_events).to_dict()))
+
+
+def _run_server(server: Any, max_events: int | None) -> Any:
+    """Run until signalled (SIGTERM or Ctrl-C finish the batch in hand); its stats."""
+    import signal
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     try:
-        stats = server.run(max_events)
+        return server.run(max_events)
     except Exception as exc:
         from mlflow.exceptions import MlflowException
 
@@ -104,7 +109,6 @@ def serve(
         ) from None
     finally:
         server.metrics.close()
-    typer.echo(json.dumps(stats.to_dict()))
 
 
 @command()
@@ -193,16 +197,7 @@ def stream_demo(
 
     params = load_command_params(params_file, overrides)
     rows = split_rows(load_splits(data, params), split, data).to_dict("records")[:limit]
-    events = dataset_events(rows, data)
-    if shift != "none":
-        from mmops.monitoring.shifts import shifted_stream
-
-        total = events_total or shift_at + 2000
-        try:
-            events = shifted_stream(events, shift, shift_at, total, seed=params.drift.seed)
-        except ValueError as exc:
-            raise UserError(str(exc), "--shift takes none, image, text, mixture or label") from None
-        say(f"--shift {shift}: events {shift_at + 1}..{total} are shifted")
+    events = _demo_events(dataset_events(rows, data), params, shift, shift_at, events_total)
     if labelled:
         for event in events:
             event[params.feedback.label_field] = event.get("truth")
@@ -212,17 +207,34 @@ def stream_demo(
         f"sending {len(events)} {split} events to {params.stream.input_topic} on "
         f"{','.join(kafka['bootstrap_servers'])}" + (f" at {rate:g}/s" if rate else "")
     )
+    show = None if quiet else _show_result
     try:
-        summary = replay(
-            events,
-            params.stream,
-            kafka,
-            timeout,
-            None if quiet else _show_result,
-            rate=rate or None,
-        )
+        summary = replay(events, params.stream, kafka, timeout, show, rate=rate or None)
     except RuntimeError as exc:  # a missing topic, an undelivered event
         raise UserError(str(exc), "`mmops up` or `mmops topics` creates the topics", 1) from None
+    _report_demo(summary, report, as_json, timeout)
+
+
+def _demo_events(
+    events: list[dict[str, Any]], params: Params, shift: str, at: int, total: int | None
+) -> list[dict[str, Any]]:
+    """The demo's events, shifted from event `at` on when `shift` is not none."""
+    if shift == "none":
+        return events
+    from mmops.monitoring.shifts import shifted_stream
+
+    total = total or at + 2000
+    try:
+        events = shifted_stream(events, shift, at, total, seed=params.drift.seed)
+    except ValueError as exc:
+        raise UserError(str(exc), "--shift takes none, image, text, mixture or label") from None
+    say(f"--shift {shift}: events {at + 1}..{total} are shifted")
+    return events
+
+
+def _report_demo(
+    summary: dict[str, Any], report: Path | None, as_json: bool, timeout: float
+) -> None:
     say(
         f"{summary['predicted']}/{summary['sent']} predicted, {summary['dead_letters']} dead "
         f"letters, {summary['missing']} missing; accuracy {summary.get('accuracy', '-')}; "
@@ -253,7 +265,8 @@ def topics(
     params_file: ParamsOption = None,
     overrides: SetOption = None,
 ) -> None:
-    """Create the stream's input, output and dead-letter topics where missing; report them all.
+    """Create the stream's topics (events, predictions, dead letters, drift, feedback) where
+    missing; report them all.
 
     The one-shot init of docker-compose and Kubernetes: brokers and credentials come from the
     KAFKA_* variables, as for `mmops serve`. Existing topics are left as they are; new ones take

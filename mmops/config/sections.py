@@ -243,7 +243,8 @@ class DriftConfig:
     # Held-out embeddings (validation and test splits) stored with each exported model.
     reference_size: int = 2000
     window: int = 200  # live events each test compares with the reference
-    ert: int = 20_000  # expected events between two false alarms of one signal
+    # Expected events between two false alarms of the whole monitor: n signals, each n x this.
+    ert: int = 20_000
     streams: int = 300  # simulated streams that calibrate each threshold
     horizon: int = 1000  # events per simulated stream after its window fills
     seed: int = 0

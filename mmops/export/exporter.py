@@ -71,7 +71,8 @@ def export_model(
         return list(DataLoader(data, batch_size=params.predict.batch_size, collate_fn=collate))
 
     frame = load_splits(data_dir, params)
-    test = dataset(split_rows(frame, "test", data_dir, needed_by="the parity gate"))
+    test_rows = split_rows(frame, "test", data_dir, needed_by="the parity gate")
+    test = dataset(test_rows)
     batches = batched(test)
     targets = torch.cat([b["labels"] for b in batches]).numpy()
 
@@ -102,21 +103,40 @@ def export_model(
         test_examples=len(test),
     )
     (out / EXPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    # Drift is watched against what the served backend gives on data it never trained on.
-    val_data = dataset(split_rows(frame, "val", data_dir))
-    val = run_loader(runners[report.serving], batched(val_data))
-    held_out = {"val": val, "test": outputs[report.serving]}
+    val_rows = split_rows(frame, "val", data_dir)
+    val = run_loader(runners[report.serving], batched(dataset(val_rows)))
+    held_out = {"val": (val_rows, val), "test": (test_rows, outputs[report.serving])}
+    _save_references(out, held_out, loaded.labels, report.serving, params)
+    write_digests(out)  # registration tags them; loading checks every file against them
+    return report
+
+
+def _save_references(
+    out: Path,
+    held_out: dict[str, tuple[pd.DataFrame, Outputs]],
+    labels: list[str],
+    backend: str,
+    params: Params,
+) -> None:
+    """Reference embeddings for the drift monitor: what the served backend gives on rows it
+    never trained on. A modality a row lacks (an empty cell) is marked absent, not watched."""
+    parts = {split: outputs for split, (_, outputs) in held_out.items()}
+    modalities = {m for _, outputs in held_out.values() for m in outputs.embeds}
     present = {
-        "image": np.array([isinstance(v, str) for v in val_data.images + test.images]),
-        "text": np.array([isinstance(v, str) for v in val_data.texts + test.texts]),
+        m: np.concatenate(
+            [
+                rows[m].map(lambda v: isinstance(v, str)).to_numpy(bool)
+                for rows, _ in held_out.values()
+            ]
+        )
+        for m in modalities
+        if all(m in rows.columns for rows, _ in held_out.values())
     }
     drift = params.drift
     references = sample_references(
-        held_out, loaded.labels, drift.reference_size, report.serving, drift.seed, present
+        parts, labels, drift.reference_size, backend, drift.seed, present
     )
     references.save(out)
-    write_digests(out)  # registration tags them; loading checks every file against them
-    return report
 
 
 def _gate(

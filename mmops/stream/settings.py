@@ -1,5 +1,4 @@
-"""Kafka client settings from the environment, the record sizes the stream accepts, the
-server's prediction threads and what a run did."""
+"""Stream settings: Kafka clients from the environment, record sizes, threads and a run's stats."""
 
 from __future__ import annotations
 
