@@ -15,7 +15,8 @@ vocabulary (`mmops.monitoring.shifts`). Streams drawn from them go through the r
 Per scenario: `false_alarms` (alarms before the shift, summed over repeats), `median_delay`
 (events from the shift to the first alarm of the signal that moved; for `label`, of `prediction`),
 `detected` (repeats with that alarm within `--after` events) and `alarmed` (how often each signal
-alarmed after the shift). Prints one JSON line:
+alarmed after the shift), and `wrong_modality_alarms` (alarms after the shift of an input
+modality that did not move; `fused` and `prediction` follow any that did). Prints one JSON line:
 
     python bench/drift_detection.py [--datasets demo,textures,text_dominant] [--repeats 5]
         [--null-events 10000] [--shift-at 1000] [--after 2000] [--set drift.window=200 ...]
@@ -44,7 +45,7 @@ from mmops.data.validation_report import REPORT_FILE, write_report
 from mmops.export.exporter import export_model
 from mmops.monitoring.monitor import DriftMonitor, Observed
 from mmops.monitoring.shifts import LABEL_SHARE, MIXTURE_SHARE, shift_event
-from mmops.serving.embeddings import PREDICTION
+from mmops.serving.embeddings import DERIVED, PREDICTION
 from mmops.serving.predictor import EMBEDS_KEY, Predictor
 from mmops.stream.replay import dataset_events
 
@@ -169,7 +170,7 @@ def scenario(
     kind: str,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    false_alarms, delays, alarmed = 0, [], Counter()
+    false_alarms, delays, alarmed, wrong = 0, [], Counter(), 0
     repeats = 1 if kind == "none" else args.repeats
     for r in range(repeats):
         rng = np.random.default_rng((args.seed, r, SCENARIOS.index(kind) if kind in MOVED else 9))
@@ -179,6 +180,10 @@ def scenario(
         false_alarms += sum(at < shift_at for _, at in alarms)
         after = {(name, at) for name, at in alarms if at >= shift_at}
         alarmed.update({name for name, _ in after})
+        # An input modality that did not move, alarming after the shift (a label shift moves
+        # every input's mix, so it has none).
+        moved = (MOVED[kind],) if kind in ("image", "text", "mixture") else tuple(monitor.signals)
+        wrong += sum(name not in (*moved, *DERIVED) for name, _ in after)
         hits = [at - shift_at for name, at in after if name == MOVED.get(kind)]
         if hits:
             delays.append(min(hits))
@@ -190,6 +195,7 @@ def scenario(
             detected=len(delays),
             moved=MOVED[kind],
             alarmed=dict(alarmed),
+            wrong_modality_alarms=wrong,
         )
     return entry
 
@@ -247,6 +253,7 @@ def main() -> None:
                 ),
                 "worst_median_delay": None if None in delays else max(delays, default=None),
                 "undetected_scenarios": sum(d is None for d in delays),
+                "wrong_modality_alarms": sum(s["wrong_modality_alarms"] for s in scenarios),
             }
         )
     )

@@ -9,11 +9,18 @@ Starts its own broker (Tansu) on a free port and measures, on events built from 
   draining a topic of pre-produced events, from its first batch to its last commit: events/s;
 - latency: a consumer fed at 10% and 50% of the measured throughput: p50/p99 from an event's
   send to its prediction in the output topic;
-- naive: one event per poll, predict, produce, flush and commit, on the same topic.
+- naive: one event per poll, predict, produce, flush and commit, on the same topic;
+- drift: the cost of the drift monitor. A consumer with `drift.enabled` and one without join
+  the group on an empty topic (the monitored one also calibrates first), then the events are
+  produced: events/s from first batch to last commit, monitor on vs off, in alternating rounds;
+  with the monitor's calibration time, the events it watched and the batches it skipped.
 
-Raw, stream and naive rounds alternate, so machine noise hits each alike; medians are reported.
+Raw, stream and naive rounds run without the drift monitor (its start-up calibration would
+otherwise share the cores with the first seconds of a short run); the drift rounds measure it.
 
-Prints one JSON line with the figures and the ratios stream/raw and stream/naive:
+Rounds alternate, so machine noise hits each alike; medians are reported.
+
+Prints one JSON line with the figures and the ratios stream/raw, stream/naive and drift on/off:
 
     python bench/stream_throughput.py [--model models:/mmops-classifier@champion] [--data data/demo]
         [--events 2000] [--naive-events 500]
@@ -59,6 +66,8 @@ def main() -> None:
         args.params if args.params.is_file() else None,
         [*args.set, f"stream.group_id=bench-{tag}", "stream.metrics_port=0"],
     )
+    monitored = params
+    params = replace(params, drift=replace(params.drift, enabled=False))
     cfg = params.stream
     rows = load_splits(args.data, params).to_dict("records")
     base = dataset_events(rows, args.data)
@@ -89,6 +98,7 @@ def main() -> None:
                     )
                 )
             latency = stream_latency(params, args.model, kafka, events, median(stream), args)
+            drift = drift_cost(monitored, args.model, kafka, values, args.rounds)
         finally:
             broker.kill()
             broker.wait()
@@ -118,6 +128,7 @@ def main() -> None:
                 "stream_vs_naive_rounds": [
                     round(x / y, 2) for x, y in zip(stream, naive, strict=True)
                 ],
+                "drift": drift,
             }
         )
     )
@@ -181,6 +192,65 @@ def stream_latency(
     server.stop()
     thread.join(timeout=60)
     return figures
+
+
+def drift_cost(
+    params: Params, model: str, kafka: dict[str, Any], values: list[bytes], rounds: int
+) -> dict[str, Any]:
+    """Events/s of a consumer with the drift monitor vs one without, alternating rounds."""
+    on, off, calibration, watched, skipped = [], [], [], [], []
+    for round_ in range(rounds):
+        for enabled in (True, False):
+            tag = f"drift-{int(enabled)}-{round_}-{uuid.uuid4().hex[:6]}"
+            drift = replace(params.drift, enabled=enabled, topic=f"{tag}.drift")
+            stream = replace(params.stream, input_topic=f"{tag}.in", group_id=tag)
+            run = monitored_run(replace(params, stream=stream, drift=drift), model, kafka, values)
+            (on if enabled else off).append(run["events_per_s"])
+            if enabled:
+                calibration.append(run["calibration_s"])
+                watched.append(run["watched"])
+                skipped.append(run["skipped_batches"])
+    return {
+        "events_per_s_on": round(median(on), 1),
+        "events_per_s_off": round(median(off), 1),
+        "on_vs_off": round(median(on) / median(off), 3),
+        "on_vs_off_rounds": [round(x / y, 3) for x, y in zip(on, off, strict=True)],
+        "calibration_s": round(median(calibration), 1),
+        "watched_events": watched,
+        "skipped_batches": skipped,
+    }
+
+
+def monitored_run(
+    params: Params, model: str, kafka: dict[str, Any], values: list[bytes]
+) -> dict[str, Any]:
+    """A consumer that has joined (and calibrated), then the events: its steady throughput."""
+    cfg = params.stream
+    create_topics(kafka["bootstrap_servers"], [cfg.input_topic, params.drift.topic], 1)
+    server = StreamServer(params, model, kafka)
+    started = time.perf_counter()
+    thread = threading.Thread(target=server.run, args=(len(values),), daemon=True)
+    thread.start()
+    while not (server.consumer and server.consumer.assignment()):
+        time.sleep(0.05)
+    calibration_s = 0.0
+    if server.drift is not None:
+        if not server.drift.ready.wait(600):
+            raise SystemExit("the drift monitor did not calibrate in 600 s")
+        calibration_s = time.perf_counter() - started
+    produce(kafka, cfg.input_topic, values)
+    thread.join(timeout=600)
+    stats = server.stats
+    if stats.events < len(values) or stats.first_event_at is None or stats.last_commit_at is None:
+        raise SystemExit(f"the consumer served {stats.events} of {len(values)} events")
+    monitor = server.drift.monitor if server.drift is not None else None
+    skipped = server.metrics.registry.get_sample_value("mmops_drift_skipped_batches_total")
+    return {
+        "events_per_s": stats.events / (stats.last_commit_at - stats.first_event_at),
+        "calibration_s": calibration_s,
+        "watched": monitor.events if monitor is not None else 0,
+        "skipped_batches": int(skipped or 0),
+    }
 
 
 def naive_throughput(

@@ -131,6 +131,8 @@ def retrain_and_evaluate(
 
     `trigger` says what started the run (manual, schedule, or drift with the alarm as `reason`);
     the registered version records both."""
+    if trigger not in registry.TRIGGERS:  # before any work: the registration would refuse it
+        raise ValueError(f"trigger: must be one of {', '.join(registry.TRIGGERS)}, got {trigger!r}")
     with mmops_logs_to_prefect():
         params = resolve_params(params_file, overrides or [])
         close_orphaned_runs(params)  # runs an earlier, killed flow left RUNNING

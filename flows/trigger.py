@@ -40,7 +40,7 @@ class DriftTrigger:
         thread = threading.Thread(
             target=self._start, args=(alarm,), name="mmops-trigger", daemon=True
         )
-        self.threads.append(thread)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]  # alarms are rare
         thread.start()
 
     def _start(self, alarm: DriftEvent) -> None:

@@ -26,3 +26,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     -c infra/constraints.txt -e ".[dev,local]"
   echo "$want" > "$stamp"
 fi
+
+# promtool checks and unit-tests the alert rules (tests/code/test_infra_monitoring.py, which skips
+# without it unless CI is set). Best effort, and only where apt-get can install Debian's
+# `prometheus` package, which ships it: never fails the set-up.
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing promtool (Debian package prometheus)..."
+  apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+      >/dev/null 2>&1
+  }
+  # Without package lists (a fresh container), fetch them once and try again.
+  apt_install || { apt-get update -qq >/dev/null 2>&1 && apt_install; } \
+    || echo "could not install promtool: the alert-rule tests will skip" >&2
+fi

@@ -19,6 +19,8 @@ from mmops.serving.runners import Outputs
 
 REFERENCES_FILE = "references.npz"
 PREDICTION = "prediction"  # the signal of class probabilities, beside the modalities
+FUSED = "fused"  # the head's input (`ModelOutput.embeddings`): moves when any modality does
+DERIVED = (FUSED, PREDICTION)  # signals of the model, not of one input modality
 _EMBED_PREFIX = "embeds/"
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmops.serving.predictor import Predictor
 from mmops.stream.health import Liveness, health_app, serve_http
+
+if TYPE_CHECKING:
+    from mmops.serving.predictor import Predictor
 
 
 class StreamMetrics:
@@ -144,6 +146,7 @@ class StreamMetrics:
         for gauge in (self.drift_novel, self.drift_novel_threshold, self.reference_label_share):
             gauge.clear()
         self.label_share.clear()
+        self.online_accuracy.clear()  # only the served version's: another's would be stale
         for name, state in monitor.signals.items():
             self.drift_threshold.labels(name).set(state.detector.mmd.threshold)
             self.drift_novel_threshold.labels(name).set(state.detector.novelty.threshold)

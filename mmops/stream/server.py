@@ -374,6 +374,7 @@ class StreamServer:
 
     def _record_lag(self) -> None:
         self._lag = {}
+        self.metrics.lag.clear()  # partitions a rebalance took away are not this consumer's
         for partition in self.consumer.assignment():
             end = self.consumer.highwater(partition)
             if end is None:

@@ -135,6 +135,7 @@ def test_the_stack_runs_every_component() -> None:
         "flow-deploy",
         "consumer",
         "prometheus",
+        "grafana",
     }
     kafka = services()["kafka"]["environment"]
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft: no ZooKeeper

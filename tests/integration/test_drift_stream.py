@@ -77,7 +77,7 @@ def test_reference_embeddings_are_stored_with_the_version_and_a_fresh_consumer_l
     client = mlflow.MlflowClient()
     version = client.get_model_version(MODEL, "1")
     assert version.tags["mmops.digests"]  # the digests cover references.npz too
-    assert REFERENCES_FILE in json.loads(version.tags["mmops.digests"])["files"]
+    assert REFERENCES_FILE in json.loads(version.tags["mmops.digests"])
     predictor = Predictor.load(f"models:/{MODEL}@champion")
     loaded = predictor.references
     assert loaded is not None

@@ -130,6 +130,7 @@ def test_versions_carry_data_version_commit_metrics_and_export(
     first, _ = two_runs
     tags = client().get_model_version(MODEL, "1").tags
     assert tags["data.md5"] == first["data_md5"]
+    assert tags["trigger"] == "manual" and tags["trigger.reason"] == "none"
     assert tags["train.run_id"] == first["run_id"]
     assert float(tags["test.accuracy"]) == pytest.approx(first["accuracy"], abs=1e-6)
     assert tags["export.serving"] == first["serving"]
@@ -242,6 +243,7 @@ def test_monthly_deployment_serves_and_runs(
         flow_run = run_deployment("retrain_and_evaluate/monthly", timeout=300)
 
         assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+        assert flow_run.parameters["trigger"] == "schedule"  # recorded on the version it registers
     finally:
         serve.send_signal(signal.SIGINT)
         try:

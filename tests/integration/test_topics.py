@@ -16,7 +16,8 @@ from mmops.local.stack import LOOPBACK, free_port, start_broker
 pytestmark = pytest.mark.integration
 
 MMOPS = str(Path(sys.executable).parent / "mmops")
-TOPICS = ("mmops.events", "mmops.predictions", "mmops.events.dlq")  # the params defaults
+# The params defaults: events, predictions, dead letters, drift events and late labels.
+TOPICS = ("mmops.events", "mmops.predictions", "mmops.events.dlq", "mmops.drift", "mmops.feedback")
 
 
 def test_topics_waits_for_the_broker_and_is_idempotent(tmp_path: Path) -> None:
