@@ -80,6 +80,7 @@ class DriftTrigger:
             FlowRunFilterTags,
         )
         from prefect.client.schemas.objects import StateType
+        from prefect.client.schemas.sorting import FlowRunSort
 
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name(self.cfg.deployment)
@@ -91,6 +92,7 @@ class DriftTrigger:
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states))
                 ),
                 limit=1,
+                sort=FlowRunSort.ID_DESC,  # the sync client sends no default: refused
             )
             if running:
                 return f"run {running[0].name} is {running[0].state_type.value.lower()}"
@@ -102,6 +104,7 @@ class DriftTrigger:
                     start_time=FlowRunFilterStartTime(after_=since),
                 ),
                 limit=1,
+                sort=FlowRunSort.ID_DESC,
             )
             if recent:
                 return f"run {recent[0].name} started within trigger.cooldown_s"
@@ -114,6 +117,7 @@ class DriftTrigger:
                     ),
                 ),
                 limit=1,
+                sort=FlowRunSort.ID_DESC,
             )
             return f"run {pending[0].name} waits to start" if pending else None
 

@@ -190,6 +190,7 @@ def prefect_api() -> Iterator[None]:
 
 def test_alarms_start_exactly_one_retrain_run_within_the_cool_down(prefect_api: None) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
 
     from mmops_flows.retrain import retrain_and_evaluate
     from mmops_flows.trigger import DriftTrigger
@@ -207,7 +208,8 @@ def test_alarms_start_exactly_one_retrain_run_within_the_cool_down(prefect_api: 
         thread.join(timeout=60)
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(cfg.deployment)
-        runs = [r for r in client.read_flow_runs() if r.deployment_id == deployment.id]
+        every = client.read_flow_runs(limit=100, sort=FlowRunSort.ID_DESC)
+        runs = [r for r in every if r.deployment_id == deployment.id]
     assert len(runs) == 1, [r.name for r in runs]
     [run] = runs
     assert run.parameters["trigger"] == "drift" and "drift" in run.tags
