@@ -18,6 +18,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.schedules import Cron
 
 from mmops.config import Params, resolve_params
+from mmops.data.dataset import MANIFEST_NAMES
 from mmops.data.validate import DatasetRejected, validate_dataset
 from mmops.data.validation_report import REPORT_FILE, write_report
 from mmops.data.versioning import data_version
@@ -31,6 +32,7 @@ from mmops.tracking.orphans import close_orphaned_runs
 from mmops.tracking.search_space import with_overrides
 from mmops.tracking.train_run import tracked_train
 from mmops.tracking.tune import SearchResult, record_search, tune
+from mmops_flows.feedback import feedback
 from mmops_flows.support import (
     TRANSIENT,
     RetrainResult,
@@ -47,6 +49,13 @@ MINUTE, HOUR = 60, 3600
 
 
 @task(timeout_seconds=30 * MINUTE)
+def with_labelled_feedback(params: Params, data_dir: str) -> str:
+    """Run the feedback stage; the merged data when there is any, else `data_dir`."""
+    feedback(params)
+    merged = Path(params.feedback.merged_dir)
+    return str(merged) if any((merged / n).is_file() for n in MANIFEST_NAMES) else data_dir
+
+
 def resolve_data_version(data_dir: str) -> dict[str, Any]:
     return data_version(data_dir).to_dict()
 
@@ -126,15 +135,17 @@ def retrain_and_evaluate(
     out_dir: str | None = None,
     trigger: str = "manual",
     reason: str | None = None,
+    with_feedback: bool = False,
 ) -> RetrainResult:
     """Retrain on the data, evaluate, export, register, and promote only past the gate.
 
     `trigger` says what started the run (manual, schedule, or drift with the alarm as `reason`);
-    the registered version records both."""
-    if trigger not in registry.TRIGGERS:  # before any work: the registration would refuse it
-        raise ValueError(f"trigger: must be one of {', '.join(registry.TRIGGERS)}, got {trigger!r}")
+    the registered version records both. `with_feedback` first turns the stream's labelled
+    events into a new data version (`mmops feedback`) and trains on the merged data."""
+    registry.check_trigger(trigger)  # before any work: the registration would refuse it
     with mmops_logs_to_prefect():
         params = resolve_params(params_file, overrides or [])
+        data_dir = with_labelled_feedback(params, data_dir) if with_feedback else data_dir
         close_orphaned_runs(params)  # runs an earlier, killed flow left RUNNING
         name = params.tracking.registered_model
         out = run_folder(out_dir)

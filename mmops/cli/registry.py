@@ -30,6 +30,13 @@ def retrain(
     out: Annotated[
         Path | None, typer.Option(help="run folder (default: runs/<UTC timestamp>)")
     ] = None,
+    with_feedback: Annotated[
+        bool,
+        typer.Option(
+            "--with-feedback",
+            help="first `mmops feedback`, then train on feedback.merged_dir",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run the Prefect flow: validate, train, evaluate, export, register, gate, promote."""
@@ -49,6 +56,7 @@ def retrain(
             params_file=str(params_file) if params_file else None,
             overrides=list(overrides or []),
             out_dir=str(out) if out else None,
+            with_feedback=with_feedback,
         )
     except DatasetRejected as exc:
         typer.echo(f"error: {exc}; nothing trained, registry untouched", err=True)

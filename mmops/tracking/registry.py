@@ -360,6 +360,12 @@ def reasons_tag(reasons: list[str]) -> str:
 TRIGGERS = ("manual", "schedule", "drift")
 
 
+def check_trigger(trigger: str) -> None:
+    """What started a retrain, as the registered version records it: manual, schedule or drift."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+
+
 def registration_tags(
     data_version: dict[str, Any],
     quality: ClassificationMetrics,
@@ -370,8 +376,7 @@ def registration_tags(
 ) -> dict[str, str]:
     """Tags of a new model version: data version, git commit, key metrics, export verdict, and
     what started the retrain (`trigger`: manual, schedule or drift, with the alarm as reason)."""
-    if trigger not in TRIGGERS:
-        raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+    check_trigger(trigger)
     return {
         "trigger": trigger,
         "trigger.reason": (reason or "none")[:TAG_VALUE_LIMIT],
