@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,32 @@ import pytest
 from mmops.config import Params, load_params
 from mmops.data.demo import make_demo_data
 from mmops.training.validation_gate import DataValidation
+
+
+@contextmanager
+def own_mlflow_store(workdir: Path, lock_dir: Path | None = None) -> Iterator[str]:
+    """In `workdir`, with its own SQLite MLflow store and registry lock folder; everything
+    (MLflow's tracking URI too, which `mlflow.set_tracking_uri` leaks) restored after; the
+    store's URI."""
+    import mlflow
+
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(workdir)
+            uri = f"sqlite:///{workdir / 'mlflow.db'}"
+            patch.setenv("MLFLOW_TRACKING_URI", uri)
+            patch.setenv("MMOPS_LOCK_DIR", str(lock_dir or workdir))
+            yield uri
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store() -> Callable[..., AbstractContextManager[str]]:
+    """`own_mlflow_store`, for fixtures: `with mlflow_store(workdir): ...`."""
+    return own_mlflow_store
+
 
 # Thresholds sized for 400 rows; the defaults expect a dataset of a few thousand.
 SMALL_OVERRIDES = (

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,22 +51,17 @@ def store(
     demo_dir: Path,
     train_and_export: Callable[..., tuple[str, dict[str, str]]],
     tmp_path_factory: pytest.TempPathFactory,
+    mlflow_store: Callable[..., AbstractContextManager[str]],
 ) -> Iterator[Store]:
     """A tiny model trained and exported: v1 (the export, champion) and v2 (the torch model)."""
     workdir = tmp_path_factory.mktemp("faults")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MMOPS_LOCK_DIR", str(workdir))
+    with mlflow_store(workdir) as uri:
         train_uri, result = train_and_export("train.epochs=2")
         assert registry.register(result["model_uri"], MODEL, {}) == "1"
         assert registry.register(train_uri, MODEL, {}) == "2"
         registry.promote(MODEL, "1", "first champion")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MMOPS_LOCK_DIR": str(workdir)}
         yield Store(workdir, env, demo_dir, result["serving"])
-    mlflow.set_tracking_uri(previous_uri)
 
 
 @contextmanager

@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import mlflow
@@ -42,21 +43,18 @@ with lease.promotion_lease(MlflowClient(), name):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def store(
+    tmp_path_factory: pytest.TempPathFactory,
+    mlflow_store: Callable[..., AbstractContextManager[str]],
+) -> Iterator[Path]:
     """One SQLite store for the module (its migrations take seconds); each test its own model."""
     workdir = tmp_path_factory.mktemp("lease")
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        uri = f"sqlite:///{workdir / 'mlflow.db'}"
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MMOPS_LOCK_DIR", str(workdir / "locks"))
+    with mlflow_store(workdir, workdir / "locks"):
         # The clients of this process too: an earlier module's set_tracking_uri outranks the
         # variable, which the holder processes read.
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
         mlflow.MlflowClient().search_registered_models()  # migrate once, before any holder
         yield workdir
-    mlflow.set_tracking_uri(previous_uri)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import mlflow
@@ -20,7 +21,7 @@ from prometheus_client import generate_latest
 from mmops.config import Params, TriggerConfig, load_params
 from mmops.data.dataset import read_manifest
 from mmops.data.demo import make_demo_data
-from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
+from mmops.local.stack import LOOPBACK, create_topics, free_port
 from mmops.monitoring.monitor import DriftEvent
 from mmops.monitoring.shifts import shifted_stream
 from mmops.serving.embeddings import REFERENCES_FILE, load_references
@@ -39,28 +40,15 @@ EVENTS = 320
 
 
 @pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    process = start_broker(port, tmp_path_factory.mktemp("broker") / "broker.log")
-    yield f"{LOOPBACK}:{port}"
-    process.kill()
-    process.wait()
-
-
-@pytest.fixture(scope="module")
 def registered(
     train_and_export: Callable[..., tuple[str, dict[str, str]]],
     tmp_path_factory: pytest.TempPathFactory,
+    mlflow_store: Callable[..., AbstractContextManager[str]],
 ) -> Iterator[dict[str, Any]]:
     """A tiny model trained, exported (with its references) and registered as the champion;
     live events from demo data of another seed than the training data."""
     workdir = tmp_path_factory.mktemp("drift")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MMOPS_LOCK_DIR", str(workdir))
+    with mlflow_store(workdir):
         _, exported = train_and_export("train.epochs=4", "train.lr=0.003")
         registry.register(exported["model_uri"], MODEL, {})
         registry.promote(MODEL, "1", "first champion")
@@ -68,7 +56,6 @@ def registered(
         make_demo_data(live, n=300, seed=11)
         events = dataset_events(read_manifest(live).to_dict("records"), live)
         yield {"workdir": workdir, "events": events, "export": workdir / "models" / "export"}
-    mlflow.set_tracking_uri(previous_uri)
 
 
 def test_reference_embeddings_are_stored_with_the_version_and_a_fresh_consumer_loads_them(

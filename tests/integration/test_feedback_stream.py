@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,13 @@ from mmops.data.demo import make_demo_data
 from mmops.data.snapshot import REJECTED, ROW_CHECKS, FeedbackRejected, snapshot_folders
 from mmops.data.validate import validate_dataset
 from mmops.data.versioning import data_version
-from mmops.local.stack import LOOPBACK, create_topics, free_port, start_broker
+from mmops.local.stack import create_topics
 from mmops.stream.feedback import collect_feedback
 from mmops.stream.replay import dataset_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    process = start_broker(port, tmp_path_factory.mktemp("broker") / "broker.log")
-    yield f"{LOOPBACK}:{port}"
-    process.kill()
-    process.wait()
 
 
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

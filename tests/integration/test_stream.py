@@ -18,6 +18,7 @@ import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,11 @@ def registered(
     demo_dir: Path,
     train_and_export: Callable[..., tuple[str, dict[str, str]]],
     tmp_path_factory: pytest.TempPathFactory,
+    mlflow_store: Callable[..., AbstractContextManager[str]],
 ) -> Iterator[Registered]:
     """A tiny model trained and exported once, registered as v1 (champion) and v2."""
     workdir = tmp_path_factory.mktemp("stream")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MMOPS_LOCK_DIR", str(workdir))
+    with mlflow_store(workdir) as uri:
         _, exported = train_and_export("train.epochs=4", "train.lr=0.003")
         serving_uri = exported["model_uri"]
         registry.register(serving_uri, MODEL, {})
@@ -100,7 +97,6 @@ def registered(
         registry.promote(MODEL, "1", "first champion")
         rows = load_splits(demo_dir, load_params()).to_dict("records")
         yield Registered(workdir, uri, dataset_events(rows, demo_dir))
-    mlflow.set_tracking_uri(previous_uri)
 
 
 @pytest.fixture
