@@ -3,12 +3,13 @@
 For each dataset (the demo and synthetic families it was not tuned on) a model is trained and
 exported with the default params (fewer steps), which stores its reference embeddings. Fresh
 events of the same generator with another seed are the live source; their embeddings through the
-serving backend are computed once clean, with inverted images and with text of another
-vocabulary (`mmops.monitoring.shifts`). Streams drawn from them go through the real
+serving backend are computed once clean, with decoloured and with inverted images and with text
+of another vocabulary (`mmops.monitoring.shifts`). Streams drawn from them go through the real
 `DriftMonitor` in micro-batches, as `mmops serve` feeds it:
 
 - `none`: `--null-events` unshifted events: every alarm is false.
-- `image` / `text`: every event after `--shift-at` has its image / text shifted.
+- `image` / `invert` / `text`: every event after `--shift-at` has its image decoloured / its
+  image inverted / its text in another vocabulary.
 - `mixture`: one event in ten after the shift has text of another vocabulary.
 - `label`: after the shift the most common class is 70% of events (every embedding moves).
 
@@ -51,8 +52,10 @@ from mmops.stream.replay import dataset_events
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 BATCH = 64
-SCENARIOS = ("image", "text", "mixture", "label")
-MOVED = {"image": "image", "text": "text", "mixture": "text", "label": PREDICTION}
+SCENARIOS = ("image", "invert", "text", "mixture", "label")
+# The signal whose alarm is the detection: the modality that moved, or the class mix.
+MOVED = {"image": "image", "invert": "image", "text": "text", "mixture": "text"}
+MOVED["label"] = PREDICTION
 FAST_TRAIN = ("train.min_steps=600", "train.epochs=10")
 
 
@@ -100,7 +103,7 @@ def source_signals(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Each source event's signals, clean and with its image or its text shifted."""
     out = {}
-    for kind in ("clean", "image", "text"):
+    for kind in ("clean", "image", "invert", "text"):
         batch = events if kind == "clean" else [shift_event(e, kind) for e in events]
         results = []
         for i in range(0, len(batch), BATCH):
@@ -122,7 +125,7 @@ def stream(
     index = rng.integers(0, len(truth), n)
     version = np.array(["clean"] * n, dtype=object)
     later = n - shift_at
-    if kind in ("image", "text"):
+    if kind in ("image", "invert", "text"):
         version[shift_at:] = kind
     elif kind == "mixture":
         version[shift_at:] = np.where(rng.random(later) < MIXTURE_SHARE, "text", "clean")
@@ -182,7 +185,7 @@ def scenario(
         alarmed.update({name for name, _ in after})
         # An input modality that did not move, alarming after the shift (a label shift moves
         # every input's mix, so it has none).
-        moved = (MOVED[kind],) if kind in ("image", "text", "mixture") else tuple(monitor.signals)
+        moved = (MOVED[kind],) if kind != "label" else tuple(monitor.signals)
         wrong += sum(name not in (*moved, *DERIVED) for name, _ in after)
         hits = [at - shift_at for name, at in after if name == MOVED.get(kind)]
         if hits:

@@ -167,8 +167,9 @@ def stream_demo(
     shift: Annotated[
         str,
         typer.Option(
-            help="change the stream part-way: none | image (inverted) | text (another "
-            "vocabulary) | mixture (1 event in 10 of another vocabulary) | label (one class 70%)"
+            help="change the stream part-way: none | image (decoloured) | invert (inverted "
+            "images) | text (another vocabulary) | mixture (1 event in 10 of another "
+            "vocabulary) | label (one class 70%)"
         ),
     ] = "none",
     shift_at: Annotated[
@@ -221,13 +222,13 @@ def _demo_events(
     """The demo's events, shifted from event `at` on when `shift` is not none."""
     if shift == "none":
         return events
-    from mmops.monitoring.shifts import shifted_stream
+    from mmops.monitoring.shifts import SHIFTS, shifted_stream
 
     total = total or at + 2000
     try:
         events = shifted_stream(events, shift, at, total, seed=params.drift.seed)
     except ValueError as exc:
-        raise UserError(str(exc), "--shift takes none, image, text, mixture or label") from None
+        raise UserError(str(exc), f"--shift takes {', '.join(SHIFTS)}") from None
     say(f"--shift {shift}: events {at + 1}..{total} are shifted")
     return events
 

@@ -1,9 +1,12 @@
 """Streams that change part-way, for `mmops stream-demo --shift` and the drift benchmark.
 
 Each shift acts on contract events (base64 image, text, and the true label as `truth`) and works
-on any dataset: inverted images (an image-only shift), words of another vocabulary (text-only),
-one event in ten with text of another vocabulary (a mixture: a new source among the old), and a
-label prior moved to one class.
+on any dataset: images that lost their colour (`image`: a camera or pipeline change), inverted
+images (`invert`; on data whose colours are a set closed under inversion, such as the demo's
+palette, it permutes the images among themselves, so no test on the image marginal sees it, and
+only online accuracy does), words of another vocabulary (text-only), one event in ten with text
+of another vocabulary (a mixture: a new source among the old), and a label prior moved to one
+class.
 """
 
 from __future__ import annotations
@@ -17,20 +20,38 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-SHIFTS = ("none", "image", "text", "mixture", "label")
+SHIFTS = ("none", "image", "invert", "text", "mixture", "label")
 # The modalities each shift moves; `label` moves the class mix, so every embedding.
-MOVED = {"none": (), "image": ("image",), "text": ("text",), "mixture": ("text",), "label": ()}
+MOVED = {
+    "none": (),
+    "image": ("image",),
+    "invert": ("image",),
+    "text": ("text",),
+    "mixture": ("text",),
+    "label": (),
+}
+# How each per-event shift changes the event's field of that modality.
+_EVENT_SHIFTS = {"image": "image", "invert": "image", "text": "text"}
 MIXTURE_SHARE = 0.1
 LABEL_SHARE = 0.7  # the favoured class's share of a label-prior shift
 _SYLLABLES = ("ka", "lo", "mi", "ru", "ze", "po", "ta", "vu", "ni", "se", "go", "fa")
 
 
+def _png(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
 def invert_image(encoded: str) -> str:
     """A base64 image with its colours inverted, as PNG."""
-    image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
-    out = io.BytesIO()
-    ImageOps.invert(image).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
+    return _png(ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")))
+
+
+def decolour_image(encoded: str) -> str:
+    """A base64 image in greys (its luminance), as an RGB PNG: colour lost upstream."""
+    image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("L").convert("RGB")
+    return _png(image)
 
 
 def foreign_word(word: str) -> str:
@@ -43,13 +64,14 @@ def foreign_text(text: str) -> str:
     return " ".join(foreign_word(word) for word in text.split())
 
 
-def shift_event(event: Mapping[str, Any], modality: str) -> dict[str, Any]:
-    """`event` with its image or its text moved; an absent one stays absent."""
+def shift_event(event: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """`event` with its image (`image`: decoloured, `invert`: inverted) or its text (`text`)
+    moved; an absent one stays absent."""
     out = dict(event)
-    if modality == "image" and out.get("image"):
-        out["image"] = invert_image(out["image"])
-    elif modality == "text" and out.get("text"):
-        out["text"] = foreign_text(out["text"])
+    field = _EVENT_SHIFTS[kind]
+    if out.get(field):
+        change = {"image": decolour_image, "invert": invert_image, "text": foreign_text}[kind]
+        out[field] = change(out[field])
     return out
 
 
@@ -72,7 +94,7 @@ def shifted_stream(
     stream = [dict(events[i]) for i in before]
     for i in draws:
         event = events[i]
-        if kind in ("image", "text"):
+        if kind in _EVENT_SHIFTS:
             event = shift_event(event, kind)
         elif kind == "mixture" and rng.random() < MIXTURE_SHARE:
             event = shift_event(event, "text")
