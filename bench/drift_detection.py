@@ -185,7 +185,8 @@ def scenario(
         alarmed.update({name for name, _ in after})
         # An input modality that did not move, alarming after the shift (a label shift moves
         # every input's mix, so it has none).
-        moved = (MOVED[kind],) if kind != "label" else tuple(monitor.signals)
+        per_event = kind not in ("none", "label")
+        moved = (MOVED[kind],) if per_event else tuple(monitor.signals)
         wrong += sum(name not in (*moved, *DERIVED) for name, _ in after)
         hits = [at - shift_at for name, at in after if name == MOVED.get(kind)]
         if hits:
