@@ -252,6 +252,9 @@ class DriftConfig:
     # Rolling figures against the reference: predicted labels, confidence, dead letters, accuracy.
     rolling_events: int = 1000
     queue_batches: int = 64  # batches waiting for the monitor; more are dropped and counted
+    # Share of wall time the monitor's thread may compute: a saturated consumer's monitor then
+    # watches a sample of the batches (the rest are counted as skipped) instead of slowing it.
+    max_busy_share: float = 0.03
 
     def __post_init__(self) -> None:
         if self.window < 10 or self.reference_size < 20:
@@ -260,6 +263,8 @@ class DriftConfig:
             raise ConfigError("drift: ert, streams, horizon and rolling_events must be >= 1")
         if self.queue_batches < 1:
             raise ConfigError("drift.queue_batches: must be >= 1")
+        if not 0 < self.max_busy_share <= 1:
+            raise ConfigError("drift.max_busy_share: must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ signal has stayed under both thresholds for a whole window, so one shift is one 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -98,12 +99,26 @@ class DriftMonitor:
             for i, (name, reference) in enumerate(signals.items())
         }
         self.labels = references.labels
-        n = cfg.rolling_events
+        self._start_rolling()
+
+    def _start_rolling(self) -> None:
+        n = self.cfg.rolling_events
         self._predicted: deque[int] = deque(maxlen=n)
         self._confidence: deque[float] = deque(maxlen=n)
         self._outcomes: deque[tuple[int, int]] = deque(maxlen=n)  # (events, dead letters)
         self._correct: deque[bool] = deque(maxlen=n)
         self.events = 0
+
+    def fresh(self) -> DriftMonitor:
+        """The same calibrated detectors with nothing seen: a new monitor without the cost."""
+        clone = copy.copy(self)
+        clone.signals = {}
+        for name, state in self.signals.items():
+            detector = copy.copy(state.detector)
+            detector.reset()
+            clone.signals[name] = SignalState(detector, deque(maxlen=self.cfg.window))
+        clone._start_rolling()
+        return clone
 
     def observe(self, batch: Observed) -> list[DriftEvent]:
         """Update every signal with the batch; the alarms that started in it."""

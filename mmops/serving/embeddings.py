@@ -9,6 +9,7 @@ signal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ class References:
     def signals(self) -> dict[str, np.ndarray]:
         """Every monitored signal by name: the modalities and `prediction`."""
         return {**self.embeds, PREDICTION: self.probs}
+
+    def digest(self) -> str:
+        """A content hash of the signals: what a calibration was made on."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, values in sorted(self.signals().items()):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+        return digest.hexdigest()
 
     def label_shares(self) -> np.ndarray:
         """The share of each label among the predicted labels."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +22,7 @@ import orjson
 
 from mmops.config import DriftConfig
 from mmops.monitoring.monitor import DriftEvent, DriftMonitor, Observed
-from mmops.serving.embeddings import PREDICTION
+from mmops.serving.embeddings import PREDICTION, References
 from mmops.serving.predictor import EMBEDS_KEY, Predictor
 from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
@@ -28,6 +30,32 @@ from mmops.stream.metrics import StreamMetrics
 log = logging.getLogger(__name__)
 
 _PENDING_MAX = 100  # alarms kept while the broker is away
+_BURST_S = 1.0  # compute time the monitor may spend at once after a quiet spell
+_CALIBRATED_MAX = 4  # versions whose calibration a process keeps (a swap back, a restart)
+# (model, version, references' digest, config) -> a calibrated monitor, for `fresh` copies.
+_calibrated: OrderedDict[tuple[str, str, str, DriftConfig], DriftMonitor] = OrderedDict()
+_calibrated_lock = threading.Lock()
+
+
+def calibrated_monitor(
+    references: References, cfg: DriftConfig, model: str, version: str
+) -> DriftMonitor:
+    """A fresh monitor for the version: calibrated now, or copied from this process's last
+    calibration of the same references under the same settings (seconds saved per signal)."""
+    key = (model, version, references.digest(), cfg)
+    with _calibrated_lock:
+        known = _calibrated.get(key)
+        if known is not None:
+            _calibrated.move_to_end(key)
+            return known.fresh()
+    monitor = DriftMonitor(references, cfg, model, version)
+    with _calibrated_lock:
+        _calibrated[key] = monitor
+        while len(_calibrated) > _CALIBRATED_MAX:
+            _calibrated.popitem(last=False)
+    return monitor.fresh()
+
+
 _STOP = object()
 
 
@@ -77,6 +105,9 @@ class DriftWatch:
         self.alarms: list[DriftEvent] = []  # every alarm raised, for stats and tests
         self._pending: list[DriftEvent] = []
         self.ready = threading.Event()  # set once a version's detectors are calibrated
+        # A token bucket of compute time: it fills at max_busy_share of wall time (up to
+        # _BURST_S), each monitored batch takes what it cost, and an empty one skips batches.
+        self._allowance, self._filled = _BURST_S, time.monotonic()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mmops-drift", daemon=True)
@@ -130,7 +161,7 @@ class DriftWatch:
                 if kind == "follow":
                     self._calibrate(value)
                 elif kind == "observe" and self.monitor is not None:
-                    self._observe(value)
+                    self._within_budget(value)
                 elif kind == "mark":
                     value.set()
             except Exception as error:  # the monitor never takes serving down with it
@@ -149,7 +180,7 @@ class DriftWatch:
                 extra=log_data(version=identity.version),
             )
             return
-        monitor = DriftMonitor(references, self.cfg, identity.name, identity.version)
+        monitor = calibrated_monitor(references, self.cfg, identity.name, identity.version)
         self.metrics.set_references(monitor)
         self.monitor = monitor
         self.ready.set()
@@ -162,6 +193,18 @@ class DriftWatch:
                 reference=references.size,
             ),
         )
+
+    def _within_budget(self, item: tuple[Any, int, str]) -> None:
+        now = time.monotonic()
+        share = self.cfg.max_busy_share
+        self._allowance = min(_BURST_S, self._allowance + (now - self._filled) * share)
+        self._filled = now
+        if self._allowance <= 0:
+            self.metrics.drift_skipped.inc()  # served, not monitored: a sample is watched
+            return
+        start = time.perf_counter()
+        self._observe(item)
+        self._allowance -= time.perf_counter() - start
 
     def _observe(self, item: tuple[Any, int, str]) -> None:
         monitor = self.monitor
