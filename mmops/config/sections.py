@@ -254,7 +254,7 @@ class DriftConfig:
     queue_batches: int = 64  # batches waiting for the monitor; more are dropped and counted
     # Share of wall time the monitor's thread may compute: a saturated consumer's monitor then
     # watches a sample of the batches (the rest are counted as skipped) instead of slowing it.
-    max_busy_share: float = 0.03
+    max_busy_share: float = 0.02
 
     def __post_init__(self) -> None:
         if self.window < 10 or self.reference_size < 20:

@@ -30,7 +30,7 @@ from mmops.stream.metrics import StreamMetrics
 log = logging.getLogger(__name__)
 
 _PENDING_MAX = 100  # alarms kept while the broker is away
-_BURST_S = 1.0  # compute time the monitor may spend at once after a quiet spell
+_BURST_S = 0.2  # compute time the monitor may spend at once after a quiet spell
 _CALIBRATED_MAX = 4  # versions whose calibration a process keeps (a swap back, a restart)
 # (model, version, references' digest, config) -> a calibrated monitor, for `fresh` copies.
 _calibrated: OrderedDict[tuple[str, str, str, DriftConfig], DriftMonitor] = OrderedDict()

@@ -198,7 +198,7 @@ def test_the_watch_keeps_to_its_compute_budget_by_skipping_batches(
     cfg = DriftConfig(window=40, ert=10_000, streams=50, horizon=200, max_busy_share=share)
     metrics = StreamMetrics()
     watch = DriftWatch(cfg, metrics, lambda: None)
-    watch._allowance = 0.0 if share < 1 else 1.0  # an exhausted budget, or a full one
+    watch._allowance = 0.0 if share < 1 else 10.0  # an exhausted budget, or a large one
     refs = references(rng)
     version = SimpleNamespace(identity=SimpleNamespace(name="m", version="9"), references=refs)
     watch.start()

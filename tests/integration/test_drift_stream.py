@@ -35,7 +35,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "mmops-drift-test"
 PARTITIONS = 2
 # Small enough for the 80 held-out rows of the 400-row demo data the tiny model exports with.
-DRIFT = ("drift.window=40", "drift.ert=20000", "drift.streams=150", "drift.horizon=400")
+# The whole stream watched (no compute budget): this tests detection, not sampling.
+DRIFT = (
+    "drift.window=40",
+    "drift.ert=20000",
+    "drift.streams=150",
+    "drift.horizon=400",
+    "drift.max_busy_share=1.0",
+)
 EVENTS = 320
 
 
