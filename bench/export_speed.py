@@ -27,7 +27,8 @@ from mmops.data.dataset import load_splits
 from mmops.export.exporter import export_model
 from mmops.model.preprocess import Collator, MultimodalDataset
 from mmops.model.storage import load_model
-from mmops.serving.runners import OnnxRunner, TorchRunner, cycled_batch
+from mmops.serving.runners import OnnxRunner, cycled_batch
+from mmops.serving.torch_runner import TorchRunner
 
 BATCH_SIZES = (1, 8, 32)
 ROUNDS = 5

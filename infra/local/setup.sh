@@ -23,7 +23,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing mmops into .venv (first run takes a minute or two)..."
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -c infra/constraints.txt -e ".[dev,local]"
+    -c infra/constraints.txt -e ".[all,dev,local]"
   echo "$want" > "$stamp"
 fi
 

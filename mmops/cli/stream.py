@@ -70,7 +70,7 @@ def serve(
     KAFKA_SSL_CAFILE/CERTFILE/KEYFILE; the registry from MLFLOW_TRACKING_URI. SIGTERM or Ctrl-C
     finishes the batch in hand, commits it and exits. Run N of these over N partitions to scale.
     """
-    from mmops.stream.logs import JsonLogFormatter
+    from mmops.serving.logs import JsonLogFormatter
     from mmops.stream.server import StreamServer
 
     params = load_command_params(params_file, overrides)

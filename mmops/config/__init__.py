@@ -43,6 +43,7 @@ from mmops.config.sections import (
     ValidateConfig,
     ZeroShotConfig,
 )
+from mmops.config.serving import ServeConfig
 
 __all__ = [
     "BACKENDS",
@@ -67,6 +68,7 @@ __all__ = [
     "PredictConfig",
     "ScheduleConfig",
     "SearchConfig",
+    "ServeConfig",
     "SplitRatios",
     "SplitSizes",
     "StreamConfig",

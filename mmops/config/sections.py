@@ -10,6 +10,7 @@ from mmops.config.learning import (
     ModelConfig,
     TrainConfig,
 )
+from mmops.config.serving import ServeConfig
 
 # What serves predictions: what the export chose (auto), INT8 or FP32 ONNX, or the torch model.
 BACKENDS = ("auto", "int8", "fp32", "torch")
@@ -380,6 +381,7 @@ class Params:
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)

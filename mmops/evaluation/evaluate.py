@@ -52,7 +52,7 @@ def evaluate_model(
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(model_dir, backend, params.predict)
-    labels = predictor.loaded.labels
+    labels = predictor.labels
     test = split_rows(load_splits(data_dir, params), "test", data_dir, needed_by="evaluation")
     label_index = {label: i for i, label in enumerate(labels)}
     spec = predictor.image_spec
@@ -82,7 +82,7 @@ def evaluate_model(
             else None
         ),
         calibration=calibration(base, cfg.calibration_bins),
-        retrieval=retrieval_recall(base) if predictor.loaded.meta.get("contrastive") else None,
+        retrieval=retrieval_recall(base) if predictor.meta.get("contrastive") else None,
         efficiency=efficiency(
             predictor,
             MultimodalDataset(data_dir, test, label_index, spec),
@@ -114,7 +114,7 @@ def _zero_shot_floor(
     predictor: Predictor, data_dir: Path | str, params: Params
 ) -> ZeroShotResult | None:
     # A zero-shot model is that floor itself.
-    if predictor.loaded.model.config.fusion == "zero_shot":
+    if predictor.model_config.fusion == "zero_shot":
         return None
     return zero_shot_floor(data_dir, params)
 

@@ -39,7 +39,7 @@ def predict_dataset(
 ) -> Predictions:
     """Class probabilities and embeddings for every example, in order, on the serving path."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=predictor.collate)
-    targets: list[torch.Tensor] = []
+    targets: list[np.ndarray] = []
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for batch in loader:
@@ -47,5 +47,5 @@ def predict_dataset(
             yield batch
 
     outputs = run_loader(predictor.runner, batches(), len(predictor.labels))
-    target = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=int)
+    target = np.concatenate(targets) if targets else np.zeros(0, dtype=int)
     return Predictions(outputs.probs, target, outputs.embeds["image"], outputs.embeds["text"])

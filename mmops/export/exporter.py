@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from mmops.config import ExportConfig, Params
@@ -26,9 +25,10 @@ from mmops.export.parity import parity
 from mmops.export.quantize import quantize_int8
 from mmops.export.records import ExportReport, Gates
 from mmops.model.digests import write_digests, write_manifest
-from mmops.model.preprocess import Collator, MultimodalDataset
+from mmops.model.preprocess import MultimodalDataset
 from mmops.model.storage import META_FILE
 from mmops.serving.embeddings import sample_references
+from mmops.serving.inputs import ArrayCollator
 from mmops.serving.integrity import read_manifest
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import (
@@ -66,7 +66,7 @@ def export_model(
     def dataset(rows: pd.DataFrame) -> MultimodalDataset:
         return MultimodalDataset(data_dir, rows, label_index, reference.image_spec)
 
-    def batched(data: MultimodalDataset) -> list[dict[str, torch.Tensor]]:
+    def batched(data: MultimodalDataset) -> list[dict[str, np.ndarray]]:
         # Decoded once: every backend sees the same tensors.
         return list(DataLoader(data, batch_size=params.predict.batch_size, collate_fn=collate))
 
@@ -74,7 +74,7 @@ def export_model(
     test_rows = split_rows(frame, "test", data_dir, needed_by="the parity gate")
     test = dataset(test_rows)
     batches = batched(test)
-    targets = torch.cat([b["labels"] for b in batches]).numpy()
+    targets = np.concatenate([b["labels"] for b in batches])
 
     fp32_path, int8_path = out / ONNX_FILES["fp32"], out / ONNX_FILES["int8"]
     attention = export_onnx(loaded, batches[0], fp32_path)
@@ -154,7 +154,10 @@ def _gate(
 
 
 def _latency(
-    runners: dict[str, Runner], collate: Collator, dataset: MultimodalDataset, cfg: ExportConfig
+    runners: dict[str, Runner],
+    collate: ArrayCollator,
+    dataset: MultimodalDataset,
+    cfg: ExportConfig,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """p50/p95 latency and throughput of every backend, per batch size."""
     return {

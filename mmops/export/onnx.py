@@ -44,7 +44,7 @@ class ServingModel(nn.Module):
 def export_onnx(loaded: LoadedModel, batch: dict[str, torch.Tensor], path: Path) -> str:
     """The model as ONNX with a dynamic batch size and text length; says how attention went."""
     model = ServingModel(loaded.model.eval())
-    args = tuple(batch[name] for name in MODEL_INPUTS)
+    args = tuple(torch.as_tensor(batch[name]) for name in MODEL_INPUTS)
     dynamic = torch.export.Dim.DYNAMIC
     dynamic_shapes = {
         "pixel_values": {0: dynamic},

@@ -66,7 +66,7 @@ class _Calibration:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
-        return None if batch is None else {name: batch[name].numpy() for name in MODEL_INPUTS}
+        return None if batch is None else {name: np.asarray(batch[name]) for name in MODEL_INPUTS}
 
 
 def _has_op(path: Path, op_type: str) -> bool:

@@ -3,21 +3,23 @@
 An `ImageSpec` holds what a transformers image processor config says (CLIP, SigLIP, ViT) or, for
 the models built from scratch, what mmops always did; one implementation (Pillow resampling and
 numpy arithmetic) turns an image into the model's tensor in training, evaluation, export and
-serving, and gives the same `pixel_values` as the checkpoint's own image processor.
+serving, and gives the same `pixel_values` as the checkpoint's own image processor. It needs no
+torch: the lean serving install preprocesses with it.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import cache, cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mmops.config import ModelConfig
+from mmops.config import IMAGE_FORMATS, ModelConfig
 
 # The key of the spec in a saved model's meta (mmops.model.storage).
 SPEC_KEY = "image_spec"
@@ -37,6 +39,8 @@ DRAFT_FACTOR = 3
 # whole pixel, and the resize must map the file's edges, not the rounded ones. (Pillow copies
 # `info` to a resized copy too: the decoded size tells that the box no longer applies.)
 DRAFT_INFO = "mmops.draft"
+
+_NOT_ACCEPTED = f"not an image in an accepted format ({' or '.join(IMAGE_FORMATS)})"
 
 _HALF = (0.5, 0.5, 0.5)
 _HF_KEYS = ("do_pad", "crop_pct", "do_reduce_labels")
@@ -179,11 +183,11 @@ class ImageSpec:
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
         return mean, std
 
-    def tensor(self, image: Image.Image | None) -> torch.Tensor:
-        """The model's (3, H, W) float32 tensor of an RGB image; zeros for a missing one."""
+    def array(self, image: Image.Image | None) -> np.ndarray:
+        """The model's (3, H, W) float32 array of an RGB image; zeros for a missing one."""
         height, width = self.shape
         if image is None:
-            return torch.zeros(3, height, width)
+            return np.zeros((3, height, width), dtype=np.float32)
         source, box, decoded = image.info.get(DRAFT_INFO, (image.size, None, image.size))
         if decoded != image.size:
             source, box = image.size, None
@@ -204,7 +208,54 @@ class ImageSpec:
             # transformers' order: rescale, then (x - mean) / std.
             mean, std = self._normalise
             pixels = (pixels * np.float32(self.rescale) - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(pixels))
+        return np.ascontiguousarray(pixels)
+
+
+def open_image(
+    source: str | Path | bytes, max_pixels: int | None = None, spec: ImageSpec | None = None
+) -> Image.Image:
+    """An RGB image from a path or encoded PNG or JPEG bytes, fully decoded.
+
+    Only the formats validation accepts in a dataset are decoded (Pillow's other decoders never
+    see the bytes); any other raises UnidentifiedImageError, an OSError. With `max_pixels`, the
+    size is checked from the header first: a decompression bomb raises ValueError before any
+    pixel is decoded. With the `spec` it is for, a JPEG of at least twice DRAFT_FACTOR times the
+    spec's resize a side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, keeping at
+    least DRAFT_FACTOR times the resize.
+    """
+    name = "" if isinstance(source, bytes) else f"{source}: "
+    try:
+        image = Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS
+        )
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(str(error)) from None
+    with image:
+        # The JPEG opener hands a multi-picture JPEG on as format MPO, which validation refuses.
+        if image.format not in IMAGE_FORMATS:
+            raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}, got {image.format}")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ValueError(
+                f"{image.width}x{image.height} is {image.width * image.height} pixels, "
+                f"over the limit of {max_pixels}"
+            )
+        if spec is not None and image.format == "JPEG":
+            _draft(image, spec)
+        image.load()
+        return image.convert("RGB")
+
+
+def _draft(image: Image.Image, spec: ImageSpec) -> None:
+    want = spec.draft_size(image.width, image.height)
+    # libjpeg scales by 1/2, 1/4 or 1/8 only; below 2 nothing changes, so nothing is asked
+    # and a smaller JPEG decodes exactly as it always did.
+    if min(image.width // want[0], image.height // want[1]) >= 2:
+        source = image.size
+        drafted = image.draft("RGB", want)
+        if drafted is not None:
+            image.info[DRAFT_INFO] = (source, drafted[1], image.size)
 
 
 def as_spec(spec: ImageSpec | int) -> ImageSpec:

@@ -2,88 +2,29 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from mmops.config import IMAGE_FORMATS
-from mmops.model.image_processing import DRAFT_INFO, ImageSpec, as_spec
+from mmops.model.example import Example
+from mmops.model.image_processing import ImageSpec, as_spec, open_image
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-_NOT_ACCEPTED = f"not an image in an accepted format ({' or '.join(IMAGE_FORMATS)})"
 
 ImageTransform = Callable[[Image.Image], Image.Image]
 TextTransform = Callable[[str], str]
 
 
-def open_image(
-    source: str | Path | bytes, max_pixels: int | None = None, spec: ImageSpec | None = None
-) -> Image.Image:
-    """An RGB image from a path or encoded PNG or JPEG bytes, fully decoded.
-
-    Only the formats validation accepts in a dataset are decoded (Pillow's other decoders never
-    see the bytes); any other raises UnidentifiedImageError, an OSError. With `max_pixels`, the
-    size is checked from the header first: a decompression bomb raises ValueError before any
-    pixel is decoded. With the `spec` it is for, a JPEG of at least twice DRAFT_FACTOR times the
-    spec's resize a side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself, keeping at
-    least DRAFT_FACTOR times the resize.
-    """
-    name = "" if isinstance(source, bytes) else f"{source}: "
-    try:
-        image = Image.open(
-            io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS
-        )
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}") from None
-    except Image.DecompressionBombError as error:
-        raise ValueError(str(error)) from None
-    with image:
-        # The JPEG opener hands a multi-picture JPEG on as format MPO, which validation refuses.
-        if image.format not in IMAGE_FORMATS:
-            raise UnidentifiedImageError(f"{name}{_NOT_ACCEPTED}, got {image.format}")
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ValueError(
-                f"{image.width}x{image.height} is {image.width * image.height} pixels, "
-                f"over the limit of {max_pixels}"
-            )
-        if spec is not None and image.format == "JPEG":
-            _draft(image, spec)
-        image.load()
-        return image.convert("RGB")
-
-
-def _draft(image: Image.Image, spec: ImageSpec) -> None:
-    want = spec.draft_size(image.width, image.height)
-    # libjpeg scales by 1/2, 1/4 or 1/8 only; below 2 nothing changes, so nothing is asked
-    # and a smaller JPEG decodes exactly as it always did.
-    if min(image.width // want[0], image.height // want[1]) >= 2:
-        source = image.size
-        drafted = image.draft("RGB", want)
-        if drafted is not None:
-            image.info[DRAFT_INFO] = (source, drafted[1], image.size)
-
-
 def image_tensor(image: Image.Image | None, spec: ImageSpec | int) -> torch.Tensor:
     """The model's (3, H, W) float tensor of an RGB image by its spec (an int: the default spec
     at that size, pixels to [-1, 1]); zeros stand in for a missing image."""
-    return as_spec(spec).tensor(image)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One preprocessed example: an image tensor (or None), a text (or None), a label index."""
-
-    pixels: torch.Tensor | None
-    text: str | None
-    label: int
+    return torch.from_numpy(as_spec(spec).array(image))
 
 
 class MultimodalDataset(Dataset):
@@ -121,7 +62,7 @@ class MultimodalDataset(Dataset):
             image = open_image(self.root / self.images[index], self.max_pixels, draft)
             if self.image_transform is not None:
                 image = self.image_transform(image)
-            pixels = self.spec.tensor(image)
+            pixels = image_tensor(image, self.spec)
         text = self.texts[index] if isinstance(self.texts[index], str) else None
         if text is not None and self.text_transform is not None:
             text = self.text_transform(text)
@@ -154,7 +95,7 @@ class Collator:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        blank = self.spec.tensor(None)
+        blank = image_tensor(None, self.spec)
         return {
             "pixel_values": torch.stack(
                 [e.pixels if e.pixels is not None else blank for e in examples]

@@ -24,15 +24,10 @@ from mmops.model.classifier import (
     vision_part,
 )
 from mmops.model.digests import write_digests
+from mmops.model.folder import META_FILE, TOKENIZER_DIR, WEIGHTS_FILE, read_meta
 from mmops.model.image_processing import SPEC_KEY, ImageSpec, image_spec_for, image_spec_of
 
-WEIGHTS_FILE = "model.safetensors"
-
-
-META_FILE = "mmops_model.json"
-
-
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["META_FILE", "TOKENIZER_DIR", "WEIGHTS_FILE", "LoadedModel", "load_model", "save_model"]
 
 
 class LoadedModel(NamedTuple):
@@ -89,11 +84,7 @@ def load_model(model_dir: Path | str) -> LoadedModel:
     from mmops.config import from_mapping
 
     folder = Path(model_dir)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not an mmops model folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    _upgrade(meta["model"])
+    meta = read_meta(folder)
     config = from_mapping(ModelConfig, meta["model"], prefix="model")
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
     if meta.get("dual_config"):
@@ -156,13 +147,3 @@ def _rebuild(spec: dict[str, Any] | None, part: Callable[[Any], Any]) -> Any:
         return None
     spec = dict(spec)
     return part(AutoModel.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)))
-
-
-def _upgrade(model: dict[str, Any]) -> None:
-    """Fill in keys that models saved by older versions lack, with what those versions did."""
-    vision, text = model.setdefault("vision", {}), model.setdefault("text", {})
-    # Before the vision stem was a choice: the plain patch projection; before the encoder
-    # architectures were a choice: a ViT and a BERT.
-    vision.setdefault("stem", "patch")
-    vision.setdefault("arch", "vit")
-    text.setdefault("arch", "bert")

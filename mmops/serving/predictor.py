@@ -2,7 +2,9 @@
 
 Batch evaluation, `mmops predict`, the Kafka consumer and any HTTP endpoint all call
 `Predictor.predict_batch`, which decodes with the training code's own preprocessing and runs the
-serving artifact the export stage chose (INT8 ONNX, FP32 ONNX or the torch model). Every file it
+serving artifact the export stage chose (INT8 ONNX, FP32 ONNX or the torch model). Preprocessing
+is numpy and `tokenizers` (`mmops.serving.inputs`), and the torch model is loaded only when the
+torch backend serves, so an ONNX backend serves in the lean install without torch. Every file it
 opens is first checked against the digests recorded with the model (`mmops.serving.integrity`);
 another backend than the approved one serves only when a param says so, with a log line.
 """
@@ -15,13 +17,16 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmops.config import BACKENDS, PredictConfig
-from mmops.model.preprocess import Collator, Example, image_tensor, open_image
-from mmops.model.storage import META_FILE, load_model
+from mmops.config import BACKENDS, ModelConfig, PredictConfig, from_mapping
+from mmops.model.example import Example
+from mmops.model.folder import META_FILE, TOKENIZER_DIR, read_meta
+from mmops.model.image_processing import image_spec_of, open_image
 from mmops.serving.embeddings import References, load_references
+from mmops.serving.inputs import ArrayCollator, text_encoder
 from mmops.serving.integrity import (
     DamagedModelError,
     Manifest,
@@ -30,15 +35,10 @@ from mmops.serving.integrity import (
     verify_model,
 )
 from mmops.serving.references import ModelIdentity
-from mmops.serving.runners import (
-    EXPORT_FILE,
-    ONNX_FILES,
-    OnnxRunner,
-    Outputs,
-    Runner,
-    TorchRunner,
-    run_loader,
-)
+from mmops.serving.runners import EXPORT_FILE, ONNX_FILES, OnnxRunner, Outputs, Runner, run_loader
+
+if TYPE_CHECKING:
+    from mmops.model.storage import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,16 @@ class Predictor:
         # The files every backend opens; export.json and the ONNX files as the backend needs.
         per_backend = {EXPORT_FILE, *ONNX_FILES.values()}
         verify_model(self.folder, self.manifest, set(self.manifest.files or ()) - per_backend)
-        self.loaded = load_model(self.folder)
-        self.labels = self.loaded.labels
+        self.meta = read_meta(self.folder)
+        self.labels: list[str] = list(self.meta["labels"])
+        self.model_config = from_mapping(ModelConfig, self.meta["model"], prefix="model")
         # The checkpoint's resize, crop and normalisation, as in training.
-        self.image_spec = self.loaded.image_spec
-        config = self.loaded.model.config
-        self.collate = Collator(
-            self.loaded.tokenizer, self.image_spec, config.max_text_length, config.text_padding
+        self.image_spec = image_spec_of(self.meta)
+        config = self.model_config
+        tokenize = text_encoder(
+            self.folder / TOKENIZER_DIR, config.max_text_length, config.text_padding
         )
+        self.collate = ArrayCollator(tokenize, self.image_spec)
         self.export: dict[str, Any] | None = None  # export.json, once read
         # In memory with the model: the download it came in is gone once loaded.
         self.references: References | None = load_references(self.folder)
@@ -108,6 +110,19 @@ class Predictor:
     @property
     def backend(self) -> str:
         return self.runner.name
+
+    @cached_property
+    def loaded(self) -> LoadedModel:
+        """The torch model (the training install): loaded with the torch backend, else on first
+        use, from a local folder (a registry download is gone once the predictor is built)."""
+        from mmops.model.storage import load_model
+
+        if not (self.folder / META_FILE).is_file():
+            raise FileNotFoundError(
+                f"{self.manifest.source}: the torch model was not loaded (backend "
+                f"{self.backend}) and its download is gone; load it with backend='torch'"
+            )
+        return load_model(self.folder)
 
     def _runner(self, backend: str) -> Runner:
         """`backend`, or for auto the one the export approved: another one only by
@@ -175,6 +190,8 @@ class Predictor:
     def _backend_runner(self, backend: str) -> Runner:
         """The runner of `backend`, its file checked first."""
         if backend == "torch":
+            from mmops.serving.torch_runner import TorchRunner
+
             return TorchRunner(self.loaded)  # its files were checked before loading
         name = ONNX_FILES[backend]
         path = self.folder / name
@@ -268,7 +285,7 @@ class Predictor:
         pixels = None
         if source is not None:
             image = self._open(source, root)
-            pixels = image_tensor(image, self.image_spec)
+            pixels = self.image_spec.array(image)
         if pixels is None and text is None:
             raise RecordError("image, text: the record has neither", "missing_field")
         return Example(pixels, text, -1)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmops.environment import mlflow_client, tracking_uri
-from mmops.model.storage import META_FILE
+from mmops.model.folder import META_FILE
 from mmops.serving.integrity import (
     DIGESTS_TAG,
     REGISTRY_SCHEME,

@@ -1,17 +1,18 @@
-"""What runs a collated batch: the torch model or an exported ONNX model, and how fast."""
+"""What runs a collated batch: an exported ONNX model (or the torch model), and how fast.
+
+A batch maps the model's input names to arrays (numpy, or torch tensors from training's
+collator). The torch runner lives in `mmops.serving.torch_runner`, imported only when the torch
+backend serves, so the ONNX backends run in an install without torch.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-import torch
-
-from mmops.model.preprocess import MODEL_INPUTS, Collator, Example
-from mmops.model.storage import LoadedModel
 
 EXPORT_FILE = "export.json"
 
@@ -35,26 +36,6 @@ def embeds_by_modality(named: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     }
 
 
-class TorchRunner:
-    """Runs the torch model on a collated batch."""
-
-    name = "torch"
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.model = loaded.model.eval()
-        self.device = next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
-        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS}
-        output = self.model(**inputs)
-        named = output.embeddings()
-        return Outputs(
-            output.logits.float().softmax(-1).cpu().numpy(),
-            {name: value.float().cpu().numpy() for name, value in named.items()},
-        )
-
-
 class OnnxRunner:
     """Runs an exported ONNX model (FP32 or INT8) with ONNX Runtime on a collated batch."""
 
@@ -75,17 +56,22 @@ class OnnxRunner:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.name = name
 
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
-        feeds = {name: batch[name].numpy() for name in self.inputs}
+    def __call__(self, batch: Mapping[str, Any]) -> Outputs:
+        feeds = {name: np.asarray(batch[name]) for name in self.inputs}
         values = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
         return Outputs(values.pop("probs"), embeds_by_modality(values))
 
 
-Runner = TorchRunner | OnnxRunner
+class Runner(Protocol):
+    """What a backend is: a name, and outputs for a collated batch."""
+
+    name: str
+
+    def __call__(self, batch: Mapping[str, Any]) -> Outputs: ...
 
 
 def run_loader(
-    runner: Runner, batches: Iterable[Mapping[str, torch.Tensor]], num_labels: int = 0
+    runner: Runner, batches: Iterable[Mapping[str, Any]], num_labels: int = 0
 ) -> Outputs:
     """A runner's outputs over collated batches, concatenated in order."""
     parts = [runner(batch) for batch in batches]
@@ -103,9 +89,7 @@ LATENCY_BUDGET_S = 20.0
 MIN_TIMINGS = 3
 
 
-def measure_latency(
-    runner: Runner, batch: Mapping[str, torch.Tensor], repeats: int
-) -> dict[str, float]:
+def measure_latency(runner: Runner, batch: Mapping[str, Any], repeats: int) -> dict[str, float]:
     """p50/p95 milliseconds of one batch through `runner`, and examples per second at p50:
     `repeats` timings, or fewer (at least MIN_TIMINGS) once LATENCY_BUDGET_S is spent."""
     warm_up = time.perf_counter()
@@ -131,7 +115,7 @@ def measure_latency(
 
 
 def cycled_batch(
-    collate: Collator, examples: Sequence[Example], size: int
-) -> dict[str, torch.Tensor]:
+    collate: Callable[[list[Any]], dict[str, Any]], examples: Sequence[Any], size: int
+) -> dict[str, Any]:
     """A batch of exactly `size` examples, repeating them when there are fewer (for timing)."""
     return collate([examples[i % len(examples)] for i in range(size)])

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mmops.config import StreamConfig
+from mmops.serving.logs import log_data
 from mmops.stream.headers import tolerate_header_keys
-from mmops.stream.logs import log_data
 from mmops.stream.record_batches import tolerate_undecodable_batches
 from mmops.stream.settings import message_bytes
 

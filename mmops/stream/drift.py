@@ -23,8 +23,8 @@ import orjson
 from mmops.config import DriftConfig
 from mmops.monitoring.monitor import DriftEvent, DriftMonitor, Observed
 from mmops.serving.embeddings import PREDICTION, References
+from mmops.serving.logs import log_data
 from mmops.serving.predictor import EMBEDS_KEY, Predictor
-from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)

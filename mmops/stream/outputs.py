@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from mmops.config import StreamConfig
+from mmops.serving.logs import log_data
 from mmops.serving.predictor import EMBEDS_KEY, Predictor
 from mmops.stream.events import (
     PREFIX_BYTES,
@@ -27,7 +28,6 @@ from mmops.stream.events import (
     prediction_value,
 )
 from mmops.stream.headers import escaped_keys
-from mmops.stream.logs import log_data
 from mmops.stream.record_batches import undecodable_batch
 
 log = logging.getLogger(__name__)
@@ -274,3 +274,13 @@ def _per_record_errors() -> tuple[type[BaseException], ...]:
         errors.InvalidRecordError,
         errors.CorruptRecordError,
     )
+
+
+def served_any(served: Served) -> bool:
+    """Some event of the batch was predicted."""
+    return bool(served.predictions)
+
+
+def model_failed(served: Served) -> bool:
+    """Some event failed in the model itself (not in its own bytes)."""
+    return any(reason == "predict_failed" for _, reason, _ in served.dead)

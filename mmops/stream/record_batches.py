@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mmops.stream.logs import log_data
+from mmops.serving.logs import log_data
 from mmops.stream.patches import marker, wrap_once
 
 log = logging.getLogger(__name__)

@@ -20,15 +20,22 @@ from typing import Any
 
 from mmops.config import Params, StreamConfig
 from mmops.monitoring.monitor import DriftEvent
+from mmops.serving.champion import ModelSource
+from mmops.serving.logs import log_data
 from mmops.serving.predictor import Predictor
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
-from mmops.stream.champion import ModelSource
 from mmops.stream.clients import StreamClients, broker_connected, client_factories
 from mmops.stream.drift import DriftWatch
 from mmops.stream.health import Liveness
-from mmops.stream.logs import log_data
 from mmops.stream.metrics import StreamMetrics
-from mmops.stream.outputs import DeliveryError, Served, predict_messages, send_outputs
+from mmops.stream.outputs import (
+    DeliveryError,
+    Served,
+    model_failed,
+    predict_messages,
+    send_outputs,
+    served_any,
+)
 from mmops.stream.settings import ServeStats, kafka_settings, serving_threads
 
 __all__ = ["DeliveryError", "ServeStats", "StreamServer", "serving_threads"]
@@ -270,7 +277,7 @@ class StreamServer:
         job = id(batch)
         self.liveness.predicting(job)
         try:
-            return self.models.serve_batch(predictor, predict)
+            return self.models.serve_batch(predictor, predict, served_any, model_failed)
         finally:
             self.liveness.predicted(job)
 

@@ -336,4 +336,6 @@ def test_the_predictor_preprocesses_with_the_saved_spec(
 
     assert predictor.image_spec == load_model(folder).image_spec == spec
     assert example.pixels is not None
-    assert torch.equal(example.pixels, image_tensor(open_image(data, spec=spec), spec))
+    assert torch.equal(
+        torch.from_numpy(example.pixels), image_tensor(open_image(data, spec=spec), spec)
+    )

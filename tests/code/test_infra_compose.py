@@ -134,6 +134,7 @@ def test_the_stack_runs_every_component() -> None:
         "prefect-worker",
         "flow-deploy",
         "consumer",
+        "serve-http",
         "prometheus",
         "grafana",
     }
@@ -269,7 +270,7 @@ def test_the_worker_serves_the_deployments_pool_and_the_buckets_match_the_stores
     assert f"s3/{artifacts.removeprefix('s3://').split('/')[0]}" in buckets
 
 
-@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu", "Dockerfile.serve"])
 def test_dockerfiles_copy_what_exists_and_install_real_extras(name: str) -> None:
     text = (INFRA / "docker" / name).read_text()
     ignored = {

@@ -224,7 +224,7 @@ def test_mlflow_requires_a_login_and_its_config_holds_no_secret() -> None:
 
 
 def test_mlflow_clients_log_in() -> None:
-    for name in ("consumer", "prefect-worker"):
+    for name in ("consumer", "serve-http", "prefect-worker"):
         env = services()[name]["environment"]
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
         assert env["MLFLOW_TRACKING_USERNAME"] and env["MLFLOW_TRACKING_PASSWORD"], name

@@ -22,8 +22,10 @@ from mmops.environment import LIBRARY_VARIABLES, VARIABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra/k8s"
-IMAGES = {"ghcr.io/mmops/mmops:0.1.0", "ghcr.io/mmops/mmops-gpu:0.1.0"}
 GPU_IMAGE = "ghcr.io/mmops/mmops-gpu:0.1.0"
+# The lean image of `mmops serve-http` (infra/docker/Dockerfile.serve): no torch.
+SERVE_IMAGE = "ghcr.io/mmops/mmops-serve:0.1.0"
+IMAGES = {"ghcr.io/mmops/mmops:0.1.0", GPU_IMAGE, SERVE_IMAGE}
 GPU = "nvidia.com/gpu"
 # Applied by hand, never by `kubectl apply -k`: a template, a one-off run, a KEDA add-on.
 OPTIONAL = {"secret.example.yaml", "train-job.yaml", "consumer-keda.yaml"}

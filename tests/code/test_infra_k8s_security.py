@@ -26,6 +26,7 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 # What each container may hold, and from which Secret: nothing more, nothing less.
 NEEDS: dict[str, tuple[str, set[str]]] = {
     "mmops-serve/serve": ("mmops-serve-secrets", KAFKA_SASL | MLFLOW_LOGIN),
+    "mmops-serve-http/serve-http": ("mmops-serve-http-secrets", MLFLOW_LOGIN),
     "mmops-topics/topics": ("mmops-topics-secrets", KAFKA_SASL),
     "prefect-worker/worker": (
         "mmops-prefect-secrets",
@@ -39,6 +40,7 @@ NEEDS: dict[str, tuple[str, set[str]]] = {
 # The endpoints of config.yaml each workload's pods must reach, besides DNS.
 REACHES: dict[str, set[str]] = {
     "mmops-serve": {"KAFKA_BOOTSTRAP_SERVERS", "MLFLOW_TRACKING_URI"},
+    "mmops-serve-http": {"MLFLOW_TRACKING_URI"},
     "mmops-topics": {"KAFKA_BOOTSTRAP_SERVERS"},
     "mmops-train": {"MLFLOW_TRACKING_URI"},
     "prefect-worker": {"PREFECT_API_URL"},

@@ -17,10 +17,10 @@ from PIL import Image
 from mmops.config import ConfigError, PredictConfig, load_params
 from mmops.local.stack import StackError, loopback_port
 from mmops.model.image_processing import ImageSpec
+from mmops.serving.champion import ModelSource
 from mmops.serving.predictor import Predictor
 from mmops.serving.references import ModelIdentity
 from mmops.serving.runners import Outputs
-from mmops.stream.champion import ModelSource
 from mmops.stream.events import (
     EventError,
     dead_letter,

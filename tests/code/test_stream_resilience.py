@@ -26,8 +26,8 @@ from test_stream_server import (
 )
 
 from mmops.config import PredictConfig
+from mmops.serving.champion import ModelSource
 from mmops.stream.batching import Batches
-from mmops.stream.champion import ModelSource
 from mmops.stream.headers import ESCAPED_HEADER, tolerate_header_keys
 from mmops.stream.health import Liveness
 from mmops.stream.metrics import StreamMetrics

@@ -19,8 +19,8 @@ from kafka.future import Future as KafkaFuture
 from kafka.structs import TopicPartition
 
 from mmops.config import Params, PredictConfig, load_params
+from mmops.serving.champion import ModelSource
 from mmops.stream.batching import Batches, commit_offsets, rewind_offsets
-from mmops.stream.champion import ModelSource
 from mmops.stream.outputs import Served
 from mmops.stream.server import ServeStats, StreamServer
 

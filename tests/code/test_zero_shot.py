@@ -111,7 +111,9 @@ def test_a_zero_shot_model_reloads_and_predicts_through_the_predictor_like_any_m
     reference = AutoModel.from_pretrained(str(clip)).eval()
     with torch.no_grad():
         image = F.normalize(
-            reference.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+            reference.get_image_features(
+                pixel_values=torch.from_numpy(batch["pixel_values"])
+            ).pooler_output
         )
         rows_ = reference_rows(clip, labels, small_params.zero_shot.templates)
         expected = (image @ rows_.T).softmax(-1)

@@ -22,10 +22,10 @@ import pytest
 from mmops.config import PredictConfig
 from mmops.model.digests import DIGESTS_FILE, write_manifest
 from mmops.model.storage import META_FILE
+from mmops.serving.champion import ModelSource
 from mmops.serving.integrity import DIGESTS_TAG, DamagedModelError
 from mmops.serving.predictor import Predictor
 from mmops.serving.runners import EXPORT_FILE, ONNX_FILES
-from mmops.stream.champion import ModelSource
 from mmops.tracking import registry
 
 pytestmark = pytest.mark.integration

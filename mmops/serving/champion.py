@@ -1,4 +1,7 @@
-"""The model a consumer serves: pinned, or following an alias (the champion) as it moves."""
+"""The model a server serves: pinned, or following an alias (the champion) as it moves.
+
+The Kafka consumer and the HTTP/gRPC server share it; a new version is swapped in between
+batches."""
 
 from __future__ import annotations
 
@@ -6,19 +9,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from mmops.config import PredictConfig
 from mmops.serving.integrity import DamagedModelError
+from mmops.serving.logs import log_data
 from mmops.serving.predictor import Predictor
 from mmops.serving.references import RegistryRef, alias_version
-from mmops.stream.logs import log_data
-from mmops.stream.outputs import Served
 
 # A version that failed to load is tried again after poll_s, then twice as long each time, up
 # to this: a broken registration neither hammers the registry nor is given up on.
 MAX_RETRY_S = 600.0
 
 log = logging.getLogger(__name__)
+
+Served = TypeVar("Served")
 
 
 class ModelSource:
@@ -90,24 +95,29 @@ class ModelSource:
             self.current = new
         return new
 
-    def serve_batch(self, predictor: Predictor, predict: Callable[[Predictor], Served]) -> Served:
-        """`predict(predictor)`; when it fails every event it predicted and the last good version
-        predicts them, `predictor` is rejected and the batch served by the last good version."""
+    def serve_batch(
+        self,
+        predictor: Predictor,
+        predict: Callable[[Predictor], Served],
+        served_any: Callable[[Served], bool],
+        model_failed: Callable[[Served], bool],
+    ) -> Served:
+        """`predict(predictor)`; when nothing is `served_any` and the cause is the model
+        (`model_failed`) and the last good version serves the batch, `predictor` is rejected and
+        the batch served by the last good version."""
         served = predict(predictor)
-        if served.predictions:
+        if served_any(served):
             with self._lock:
                 self._last_good = predictor
             return served
         good = self._last_good
-        if good is None or good is predictor:
-            return served
-        if not any(reason == "predict_failed" for _, reason, _ in served.dead):
+        if good is None or good is predictor or not model_failed(served):
             return served
         retried = predict(good)
-        if retried.predictions:
+        if served_any(retried):
             self._reject(predictor, good)
             return retried
-        return served  # the events themselves fail: dead letters, the version stays
+        return served  # the records themselves fail: the version stays
 
     def _reject(self, bad: Predictor, good: Predictor) -> None:
         version = bad.identity.version
