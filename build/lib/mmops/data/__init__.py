@@ -1,0 +1,1 @@
+"""Datasets: the manifest contract and splits, image checks, validation, versions, demo data."""

@@ -1,0 +1,1 @@
+"""Evaluation on the test split: quality, ablation, robustness, slices, calibration, speed."""

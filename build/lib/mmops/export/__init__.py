@@ -1,0 +1,1 @@
+"""ONNX export, INT8 quantization and the parity gate that picks what serves."""

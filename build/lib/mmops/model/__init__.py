@@ -1,0 +1,1 @@
+"""The multimodal classifier, its preprocessing and its on-disk folder format."""

@@ -1,0 +1,1 @@
+"""Production monitoring: online drift tests per modality, calibrated to an ERT."""

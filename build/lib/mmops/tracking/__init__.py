@@ -1,0 +1,1 @@
+"""MLflow: tracked runs, the pyfunc model, the registry and the promotion gate."""

@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of `mmops` stages into tasks, schedules and deployments."""
