@@ -177,12 +177,12 @@ def test_a_png_with_a_garbage_chunk_is_an_undecodable_record_not_a_crash() -> No
 
 def test_any_error_preprocessing_one_record_leaves_the_others_predicted() -> None:
     predictor = bare_predictor()
-    predictor.image_spec = "not a size"  # type: ignore[assignment]  # image_tensor raises
+    predictor.image_spec = "not a spec"  # type: ignore[assignment]  # .array() raises
     image = base64.b64encode(_tiny_png()).decode()
     bad, good = predictor.predict_batch(
         [{"id": "bad", "text": "t", "image": image}, {"id": "good", "text": "t", "image": None}]
     )
-    assert bad["reason"] == "preprocess_failed" and "TypeError" in bad["error"]
+    assert bad["reason"] == "preprocess_failed" and "AttributeError" in bad["error"]
     assert good["label"] == "red"
 
 

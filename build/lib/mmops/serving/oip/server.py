@@ -42,13 +42,17 @@ class OipServer:
         self._grpc: Any = None
         self._http: Any = None
         self._stop = threading.Event()
+        self.load_error: str | None = None  # why the first load failed, once it has
 
     def problem(self) -> str | None:
-        """Why the server is not live (a stuck batch, requests unserved), or None."""
+        """Why the server is not live (the first load failed, a stuck batch, requests
+        unserved), or None."""
+        if self.load_error is not None:
+            return self.load_error
         return self.service.batcher.stalled(self.params.serve.liveness_timeout_s)
 
     def load(self) -> None:
-        """Load the model (waiting out a damaged champion); the server answers meanwhile."""
+        """Load the model; a followed champion that is damaged is waited out."""
         predictor = self.source.load(self._stop)
         if predictor is not None:
             self._swapped()
@@ -60,6 +64,13 @@ class OipServer:
                     backend=predictor.backend,
                 ),
             )
+
+    def _load_followed(self) -> None:
+        try:
+            self.load()
+        except Exception as error:  # the registry is unreachable at start, say: not live
+            self.load_error = f"cannot load {self.source.model_ref}: {error}"[:1000]
+            log.error("model load failed", extra=log_data(error=self.load_error))
 
     def _swapped(self) -> None:
         predictor = self.source.current
@@ -73,7 +84,12 @@ class OipServer:
         """Serve until signalled (uvicorn handles SIGTERM and Ctrl-C), then close everything."""
         import uvicorn
 
-        self.load()
+        if self.source.follow:
+            # The routes answer while the champion loads (ready once it has): a damaged
+            # champion is waited out with the probes up, as the consumer does.
+            threading.Thread(target=self._load_followed, name="oip-load", daemon=True).start()
+        else:
+            self.load()  # a pinned model that cannot load fails the command
         if grpc_port:
             address = f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
             workers = self.params.serve.grpc_workers
