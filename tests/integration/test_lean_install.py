@@ -4,6 +4,7 @@ serves an exported model over v2 exactly as the training install predicts it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,13 +35,21 @@ ABSENT = ("torch", "transformers", "pandas", "prefect", "dvc", "great_expectatio
 @pytest.fixture(scope="module")
 def lean_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with `pip install -c infra/constraints.txt ".[serve]"` (not editable)."""
-    venv = tmp_path_factory.mktemp("lean") / "venv"
+    work = tmp_path_factory.mktemp("lean")
+    # A copy of the source: a non-editable install builds in the tree it is given (build/).
+    source = work / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("mmops", "flows"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     pip += ["--disable-pip-version-check", "--no-warn-script-location"]
     constraints = ROOT / "infra" / "constraints.txt"
     done = subprocess.run(
-        [*pip, "-c", str(constraints), f"{ROOT}[serve]"],
+        [*pip, "-c", str(constraints), f"{source}[serve]"],
         capture_output=True,
         text=True,
         timeout=900,

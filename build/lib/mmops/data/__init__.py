@@ -1,1 +1,0 @@
-"""Datasets: the manifest contract and splits, image checks, validation, versions, demo data."""

@@ -1,1 +1,0 @@
-"""Evaluation on the test split: quality, ablation, robustness, slices, calibration, speed."""

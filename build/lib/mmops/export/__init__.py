@@ -1,1 +1,0 @@
-"""ONNX export, INT8 quantization and the parity gate that picks what serves."""

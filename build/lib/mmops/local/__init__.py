@@ -1,1 +1,0 @@
-"""The local stack on loopback (`mmops up`): a Kafka-compatible broker and an MLflow server."""

@@ -1,1 +1,0 @@
-"""The multimodal classifier, its preprocessing and its on-disk folder format."""

@@ -1,1 +1,0 @@
-"""Production monitoring: online drift tests per modality, calibrated to an ERT."""

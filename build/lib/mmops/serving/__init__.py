@@ -1,1 +1,0 @@
-"""The one prediction path (`Predictor.predict_batch`), its runners and model references."""

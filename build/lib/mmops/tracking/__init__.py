@@ -1,1 +1,0 @@
-"""MLflow: tracked runs, the pyfunc model, the registry and the promotion gate."""

@@ -1,1 +1,0 @@
-"""Training on one process or many (torchrun): the loop, its steps and its runtime."""

@@ -1,1 +1,0 @@
-"""Prefect flows: thin wiring of `mmops` stages into tasks, schedules and deployments."""
